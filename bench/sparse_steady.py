@@ -17,8 +17,13 @@ on both alike), and prints both medians and their ratio. ``--asdex PATH`` adds a
 (JAX, ``jax.jit`` of its compressed products, float64, CPU; ``PATH``: a directory
 holding it, appended to ``sys.path`` so that the environment's numpy stays first) on the
 same functions written in JAX; ``--dense`` adds ``torch.func.jacrev`` / ``hessian``
-(one call: seconds). Every answer of this tree is checked against the baseline's bit for
-bit (a hash of each answer's CSR arrays at the same points), and against dense
+(one call: seconds); ``--compiled`` adds the same compressed products outside the
+engine, the engine's own colouring's seeds under ``vmap`` of ``jvp`` (forward, read as
+symmetric, Hessians: of ``grad``) or ``vjp`` (reverse), eager and under
+``torch.compile`` (inductor, ``dynamic=False``; its first call's CPU seconds reported),
+each compiled product checked against the eager one, and one against central
+differences (a VJP: against jacrev's rows). Every answer of this tree is checked against
+the baseline's bit for bit (a hash of each answer's CSR arrays at the same points), and against dense
 ``torch.func`` on an 8^3 grid with ``--quick``.
 """
 
@@ -58,7 +63,7 @@ def _shape(case: str, n: int) -> tuple[int, ...]:
     return (n * 1024,) if case == "lorenz96" else (n, n, n)
 
 
-def _measure(quick: bool, rounds: int) -> dict[str, object]:
+def _measure(quick: bool, rounds: int, compiled: bool = False) -> dict[str, object]:
     import collections
     import functools
 
@@ -90,6 +95,14 @@ def _measure(quick: bool, rounds: int) -> dict[str, object]:
         setattr(owner, name, w)
 
     timed(compute._Products, "compressed", "products")
+    used: list[object] = []  # (the last request's colouring: --compiled runs its seeds)
+    real_compressed = compute._Products.compressed
+
+    def capture(self, *a, **k):
+        used[:] = [self.coloring]
+        return real_compressed(self, *a, **k)
+
+    compute._Products.compressed = capture
     timed(compute._Products, "values", "decompress")
     timed(compute._Products, "unsolvable", "decompress")
     timed(compute, "_to_csr", "csr")
@@ -128,7 +141,66 @@ def _measure(quick: bool, rounds: int) -> dict[str, object]:
                      "products": int(res.sparse_meta["products"]), "nnz": int(res.sparse_meta["nnz"]),
                      "hash": digest.hexdigest()[:16],
                      "stages_ms": {k: 1e3 * v / rounds for k, v in spent.items()}}
+        if compiled:
+            out[case]["compiled"] = _compiled_products(fn, kind, used[0], shape, rounds)
     return out
+
+
+def _compiled_products(fn, kind: str, coloring, shape: tuple[int, ...], rounds: int) -> dict[str, object]:
+    """The engine's compressed products for ``coloring`` (one seed per colour), eager and
+    under ``torch.compile``: median ms of each at fresh points, the first compiled call's
+    CPU seconds, and the largest difference between the two."""
+    import numpy as np
+    import torch
+
+    colors = torch.as_tensor(np.asarray(coloring.colors))
+    seeds = (colors.unsqueeze(0) == torch.arange(coloring.n_colors).unsqueeze(1)).to(torch.float64)
+    if kind == "hessian":
+        def one(x, t):
+            return torch.func.jvp(torch.func.grad(fn), (x,), (t.reshape(shape),))[1].reshape(-1)
+    elif coloring.mode == "rev":  # (a VJP per colour of rows: lorenz96)
+        def one(x, t):
+            return torch.func.vjp(fn, x)[1](t.reshape(shape))[0].reshape(-1)
+    else:  # fwd, or JVPs read as symmetric
+        def one(x, t):
+            return torch.func.jvp(fn, (x,), (t.reshape(shape),))[1].reshape(-1)
+
+    def products(x, s):
+        return torch.func.vmap(one, in_dims=(None, 0))(x, s)
+
+    rng = np.random.default_rng(1)
+    x = torch.tensor(rng.standard_normal(shape))
+    t = time.process_time()
+    fast = torch.compile(products, dynamic=False)
+    first = fast(x, seeds)
+    compile_s = time.process_time() - t
+    worst = float((first - products(x, seeds)).abs().max())
+    # and a colour's product against central differences (of the gradient, for a Hessian;
+    # a VJP's against the same columns of jacrev's rows): float64, step 1e-6
+    s0, h = seeds[0].reshape(shape), 1e-6
+    if kind == "hessian":
+        g = torch.func.grad(fn)
+        fd = ((g(x + h * s0) - g(x - h * s0)) / (2 * h)).reshape(-1)
+    elif coloring.mode == "rev":
+        fd = seeds[0] @ torch.func.jacrev(fn)(x).reshape(seeds.shape[1], -1)
+    else:
+        fd = ((fn(x + h * s0) - fn(x - h * s0)) / (2 * h)).reshape(-1)
+    fd_err = float((first[0] - fd).abs().max() / max(float(fd.abs().max()), 1e-300))
+    assert fd_err < 1e-6, ("compiled product against differences", fd_err)
+    eager, done = [], []
+    for _ in range(3 + rounds):  # (interleaved: the machine's load falls on both alike)
+        x = torch.tensor(rng.standard_normal(shape))
+        t0 = time.perf_counter()
+        a = products(x, seeds)
+        t1 = time.perf_counter()
+        b = fast(x, seeds)
+        t2 = time.perf_counter()
+        eager.append(t1 - t0)
+        done.append(t2 - t1)
+        worst = max(worst, float((a - b).abs().max()))
+    return {"eager_ms": 1e3 * float(np.median(eager[3:])), "compiled_ms": 1e3 * float(np.median(done[3:])),
+            "compile_cpu_s": compile_s, "max_abs_diff": worst, "fd_rel_err": fd_err, "mode": str(coloring.mode),
+            "colors": int(coloring.n_colors)}
 
 
 def _asdex(path: str, quick: bool, rounds: int) -> dict[str, dict[str, float]]:
@@ -197,10 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", help="another tree's service directory, measured alike in a subprocess")
     ap.add_argument("--asdex", help="a directory holding asdex (pip install --target DIR asdex numba)")
     ap.add_argument("--dense", action="store_true", help="dense torch.func.jacrev / hessian, one call each")
+    ap.add_argument("--compiled", action="store_true",
+                    help="the engine colouring's products eager and under torch.compile (compiles: tens of CPU-s)")
     ap.add_argument("--json", choices=("engine", "asdex", "dense"), help=argparse.SUPPRESS)  # (subprocesses)
     args = ap.parse_args(argv)
     if args.json == "engine":
-        print(json.dumps(_measure(args.quick, args.rounds)))
+        print(json.dumps(_measure(args.quick, args.rounds, args.compiled)))
         return 0
     if args.json == "asdex":
         print(json.dumps(_asdex(args.asdex, args.quick, args.rounds)))
@@ -213,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([p for p in (service, os.getcwd()) if p]))
         cmd = [sys.executable, "-m", "bench.sparse_steady", "--json", what, "--rounds", str(args.rounds)]
         cmd += (["--quick"] if args.quick else []) + (["--asdex", args.asdex] if args.asdex else [])
+        cmd += ["--compiled"] if args.compiled and service == here and what == "engine" else []
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"{what} ({service}) failed:\n{done.stderr[-3000:]}")
@@ -244,6 +319,18 @@ def main(argv: list[str] | None = None) -> int:
         d = dense.get(case, float("nan"))
         print(f"| {case} | {r['nnz']:,} | {r['products']} | {m:.2f} | {b:.2f} | {b / m:.2f} | {same} | {a:.2f} ({colours}) "
               f"| {m / a:.1f} | {d:.0f} | {d / m:.0f} |")
+    if args.compiled:
+        print("\nThe same compressed products outside the engine (this tree's colouring, same seeds), interleaved:")
+        print("| case | mode | products | engine request ms | eager vmap products ms | compiled products ms "
+              "| eager / compiled | request / compiled | asdex ms | compiled / asdex | compile CPU-s | max abs diff | against differences |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for case in CASES:
+            c = mine[0][case]["compiled"]
+            m = med(mine, case)
+            a = peer.get(case, {}).get("median_ms", float("nan"))
+            print(f"| {case} | {c['mode']} | {c['colors']} | {m:.2f} | {c['eager_ms']:.2f} | {c['compiled_ms']:.3f} "
+                  f"| {c['eager_ms'] / c['compiled_ms']:.1f} | {m / c['compiled_ms']:.1f} | {a:.3f} "
+                  f"| {c['compiled_ms'] / a:.2f} | {c['compile_cpu_s']:.1f} | {c['max_abs_diff']:.1e} | {c['fd_rel_err']:.1e} |")
     print("\nStages, ms a request (this tree; baseline):")
     for case in CASES:
         mine_st = mine[0][case]["stages_ms"]
