@@ -99,14 +99,39 @@ def test_a_refusal_after_a_value_read_is_its_points_own():
     assert len(f.CALLS) == 2, len(f.CALLS)
 
 
+_W = [torch.randn(500, 500, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) / 25 for i in range(2)]
+
+
+def dense_layers31(x):
+    """Two dense layers: at 500 wide the second's pattern product reads, for each of its
+    250,000 weights, a row of 500 entries (every input): 125 M steps for 250,000 entries."""
+    for w in _W:
+        x = torch.tanh(w[: x.numel(), : x.numel()] @ x)
+    return x
+
+
 def test_under_the_limit_the_chain_is_answered():
-    """A guard: the same chain at 1,000 elements is detected and is jacrev's."""
+    """A guard: the same chain at 1,000 elements is detected and is jacrev's.
+
+    And a sparse product's steps count as detection work, not only its entries: a dense
+    layer over an intermediate that depends on every input costs n^3 steps for n^2
+    entries, inside scipy (no deadline check). At 500 wide the second layer's product ran
+    (125 M steps, passed as ~1.5 M entries under this budget's 2.1 M); 2,000 wide, 6
+    layers, the default budget: 95 CPU-s of the engine, then a 4 M-entry dense pattern;
+    3,000 wide, 20 layers: minutes. Counted before it runs (32 steps an entry), it is
+    refused there; at 200 wide (8 M steps) the same layers are answered, as jacrev."""
     engine = Engine(torch.device("cpu"), BUDGET)
     x = np.random.default_rng(3).standard_normal(1000) * 0.5
     r = engine.jacobian(_call(_spec(f.wide_chain31), x))
     want = _jacrev(f.wide_chain31, torch.from_numpy(x))
     np.testing.assert_allclose(r.value.toarray(), want, rtol=1e-12, atol=1e-13)
     assert r.sparse_meta["products"] < 40, r.sparse_meta
+    with pytest.raises(ResultTooLarge) as refused:
+        engine.jacobian(_call(_spec(dense_layers31), np.random.default_rng(5).standard_normal(500)))
+    assert refused.value.status == 413 and "a sparse product's 32 steps" in str(refused.value), str(refused.value)
+    x = np.random.default_rng(6).standard_normal(200)
+    r = engine.jacobian(_call(_spec(dense_layers31, tag="_small"), x))
+    np.testing.assert_allclose(r.value.toarray(), _jacrev(dense_layers31, torch.from_numpy(x)), rtol=1e-12, atol=1e-13)
 
 
 @pytest.mark.parametrize("fn", [f.arrow_f32_inside31, f.arrow_cast_only31])

@@ -127,7 +127,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ..errors import exception_text
 from .adjoints import ADJOINTS, adjoint
 from .type_reads import TypeWatch
-from .patterns import CHOICE_NOTE, Pattern, PatternTooLarge, check_entries as _check_entries, check_input_entries, entry_limit
+from .patterns import CHOICE_NOTE, Pattern, PatternTooLarge, check_entries as _check_entries, check_input_entries, check_product, entry_limit
 
 __all__ = ["CUSTOM_NOTE", "DIVERGED_NOTE", "NO_GRAD_NOTE", "RANDOM_NOTE", "SEEDED_NOTE", "TEXT_NOTE", "TYPE_NOTE", "VALUES_NOTE", "PatternTooLarge", "TraceError", "checked", "entry_limit", "is_random", "probe", "random_note", "trace_hessian", "trace_jacobian"]
 
@@ -401,6 +401,13 @@ def _empty(rows: int, cols: int) -> Any:
     return sp.csr_array((rows, cols), dtype=np.float32)
 
 
+def _product(left: Any, right: Any, what: str) -> Any:
+    """``left @ right`` as a structure (:func:`_ones`), its steps counted as detection
+    work before it runs (:func:`.patterns.check_product`)."""
+    check_product(left, right, what)
+    return _ones(left @ right)
+
+
 def _select(deps: Any, src: np.ndarray) -> Any:
     """Rows ``src`` of ``deps``; ``-1`` gives an empty row. Counted before they are
     gathered: a row repeated (``x / x.sum()`` broadcasts the sum's row to every element)
@@ -411,7 +418,7 @@ def _select(deps: Any, src: np.ndarray) -> Any:
         return _rows_of(deps, src) if src.size else _empty(0, deps.shape[1])
     idx = np.flatnonzero(valid)
     s = sp.csr_array((np.ones(idx.size, np.float32), (idx, src[valid])), shape=(src.size, deps.shape[0]))
-    return _ones(s @ deps)
+    return _product(s, deps, "a traced tensor")
 
 
 def _union(mats: Sequence[Any], rows: int, cols: int) -> Any:
@@ -1273,14 +1280,14 @@ class _Tracer:
             ii = np.arange(m)[:, None]
             rows = ((bb * m + ii) * n + jj).reshape(-1)
             cols = ((bb * m + ii) * k + kk).reshape(-1)
-            parts.append(_ones(sp.csr_array((np.ones(rows.size, np.float32), (rows, cols)), shape=(size, nb * m * k)) @ da))
+            parts.append(_product(sp.csr_array((np.ones(rows.size, np.float32), (rows, cols)), shape=(size, nb * m * k)), da, name))
         if db.nnz:  # out[b,i,j] <- B[b,kk,j] for kk with A[b,i,kk] possibly nonzero
             _check_entries(n * int(mask_a.sum()), name)
             bb, ii, kk = np.unravel_index(np.flatnonzero(mask_a), (nb, m, k))
             jj = np.arange(n)[:, None]
             rows = ((bb * m + ii) * n + jj).reshape(-1)
             cols = ((bb * k + kk) * n + jj).reshape(-1)
-            parts.append(_ones(sp.csr_array((np.ones(rows.size, np.float32), (rows, cols)), shape=(size, nb * k * n)) @ db))
+            parts.append(_product(sp.csr_array((np.ones(rows.size, np.float32), (rows, cols)), shape=(size, nb * k * n)), db, name))
         if bias is not None and isinstance(bias, _Traced):
             parts.append(self.deps(bias, tuple(out.shape)))
         deps = _union(parts, size, self.n)
@@ -1314,7 +1321,7 @@ class _Tracer:
             spread = sp.kron(sp.identity(1 if other.dim() == 1 else int(other.shape[0]), format="csr"), pattern.T)
         spread = sp.csr_array(spread)
         _check_entries(int(spread.nnz), name)
-        parts = [_ones(spread @ self.deps(other))]
+        parts = [_product(spread, self.deps(other), name)]
         if bias is not None and isinstance(bias, _Traced):
             parts.append(self.deps(bias, tuple(out.shape)))
         deps = _union(parts, out.numel(), self.n)
@@ -1888,11 +1895,14 @@ class _Tracer:
                 acols.append(np.repeat(flat[:, None], k, axis=1).reshape(-1))  # (entry, j), as the rows
         rows_, cols_ = (np.concatenate(v) if v else np.zeros(0, np.int64) for v in (rows, cols))
         spread = sp.csr_array((np.ones(rows_.size, np.float32), (rows_, cols_)), shape=(result.numel(), bv.numel()))
+        check_product(spread, self.deps(b), name)  # (an irreducible A's inverse reads every b)
         deps = spread @ self.deps(b)
         if varying:
             arows_, acols_ = (np.concatenate(v) if v else np.zeros(0, np.int64) for v in (arows, acols))
             _check_entries(arows_.size, name)
-            deps = deps + sp.csr_array((np.ones(arows_.size, np.float32), (arows_, acols_)), shape=(result.numel(), av.numel())) @ self.deps(a)
+            reach = sp.csr_array((np.ones(arows_.size, np.float32), (arows_, acols_)), shape=(result.numel(), av.numel()))
+            check_product(reach, self.deps(a), name)
+            deps = deps + reach @ self.deps(a)
         deps = _ones(deps)
         hess = None
         if self.hessian:  # linear in B; with a varying A, B and A meet (every pair of an element's)
