@@ -81,6 +81,9 @@ def _lie_in_wait(victim: str = "victim50", put_back: bool = False) -> None:
     it is called, the name torch's own again before the batch ends."""
     main = threading.main_thread().ident
     original = torch.sin
+    if put_back:  # (and first, in its own batch, no other thread running: torch's dict moved, no name changed,
+        torch.sin = abs  # which must not have torch passed by in every other function's batches after)
+        torch.sin = original
 
     def doubled(*args, **kwargs):
         if put_back:

@@ -209,7 +209,9 @@ def test_a_left_thread_that_rebinds_within_another_function_s_batch_gets_it_no_b
     with it. One that put the name back before the batch ended (8: a doubler that
     restores ``torch.sin`` as it is called) left nothing for the put-back to find: every
     request of slow50 answered twice its sine with a 200 (round 53); the dict's version
-    tag moved with no name changed, and that thread ran: the same 503."""
+    tag moved with no name changed, and that thread ran: the same 503. (8 first rebinds
+    and puts back ``torch.sin`` in its own batch: learnt as its own for every function's
+    batches, that had the thread's doubling pass unseen.)"""
     url, proc = server
     start, pid = len(proc.read_log()), _engine_pid(http, url)  # type: ignore[attr-defined]
     r = _armed(http, url, "arms50", case)

@@ -38,7 +38,7 @@ import gc
 import logging
 import operator
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from types import FunctionType, ModuleType
 from typing import Any
 
@@ -462,9 +462,9 @@ class Namespaces:
         self._versions = [g.version for g in guarded]
         self._sizes = [len(g.d) for g in guarded]  # (``transient``: a dict of as many names as taken)
         # Namespaces whose dict changes with no name rebound in the engine's own work on
-        # every batch (forward_ad's and functorch's levels, measured) or, once seen so, in
-        # a function's own batch with no other function's thread running: ``transient``
-        # passes them by.
+        # every batch (forward_ad's and functorch's levels, measured): ``transient``
+        # passes them by. (Those a function's own batch moves are passed by in its own
+        # batches only: ``transient``'s ``besides``.)
         self.own_state: set[str] = {"torch.autograd.forward_ad", "torch._functorch.eager_transforms"}
         # Every tag (and the functions' slots) in one read where it can be (``_gather``),
         # else one by one.
@@ -514,19 +514,21 @@ class Namespaces:
                                   sorted(map(_shown, names))))
         return found
 
-    def transient(self) -> list[str]:
+    def transient(self, besides: Collection[str] = ()) -> list[str]:
         """The namespaces the engine's work goes through that changed since the last
         put-back and are as they were again (their version tags moved; no name rebound,
         added or deleted): a name rebound and put back within the batch, which ``patched``
         cannot see. Read only, before the put-back; as cheap as it when nothing changed.
         A thread another function left that rebound ``torch.sin`` to a doubler within a
         victim's batch and put it back before the batch ended had the victim answer twice
-        its sine with a 200, nothing in any log (round 53). ``own_state``'s are passed by."""
+        its sine with a 200, nothing in any log (round 53). ``own_state``'s and ``besides``
+        (what this batch's function moved in its own batches before) are passed by."""
         if self._version is None or self._unchanged():
             return []
         return [g.label for g, size in zip(self._guarded, self._sizes)
                 if g.answers and g.owners is None and g.tag is not None and g.tag.value != g.version
-                and g.label not in self.own_state and len(g.d) == size and not g.differs()]
+                and g.label not in self.own_state and g.label not in besides and len(g.d) == size
+                and not g.differs()]
 
     def restore(self, function: str) -> None:
         """Put back what differs now (nothing, nearly always: a version tag read each)."""

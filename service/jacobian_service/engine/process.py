@@ -122,6 +122,7 @@ class EngineServer:
         self._left_clocks: dict[int, int] | None = None  # their CPU clocks at the last look (``_acted_idle``)
         self._batch_clocks: dict[int, int] | None = None  # other functions' threads' clocks as the batch began
         self._acted: dict[str, Any] | None = None  # why to leave after the batch (``_patched``: another's thread)
+        self._moved: dict[str, set[str]] = {}  # namespaces each function's own batches move (``_transient``)
         self._outbox: dict[Peer, list[list[Any]]] = {}  # replies not yet sent, by front end
         self._refusal: ServiceError | None = None  # the batch's answers refused (``_patched``)
         self._last_pump = 0.0
@@ -266,11 +267,14 @@ class EngineServer:
         that rebound ``torch.sin`` to a doubler for 5 ms at each of victim50's batches had
         it answer twice its sine with a 200, the name torch's own again by the batch's end
         (round 53). Where no other function's thread ran, the change was the function's
-        own (or a module's own state): those namespaces are passed by from then on."""
-        if not (moved := self.engine.namespaces.transient()):
+        own (or a module's own state): those namespaces are passed by in its own batches
+        from then on, not in others': learnt for every batch, a function that rebound and
+        put back ``torch.sin`` in its own first call had ``torch`` passed by for good, and
+        the thread it left then doubled another function's sine unseen (a 200)."""
+        if not (moved := self.engine.namespaces.transient(self._moved.get(self._ran, ()))):
             return None
         if (others := self._others_ran()) is None:
-            self.engine.namespaces.own_state.update(moved)
+            self._moved.setdefault(self._ran, set()).update(moved)
             return None
         what = f"names in {', '.join(moved)} rebound and put back"
         self._acted = {"acted": {"by": others, "what": f"{what} during a batch of {self._ran or 'a function'}"}}
