@@ -67,6 +67,25 @@ def test_the_watch_counts_named_and_unnamed_temporary_files_and_charges_who_took
         unnamed.close()
 
 
+def test_files_written_outside_count_but_not_the_engine_s_own_pattern_cache(tmp_path) -> None:
+    """A file the process opens for writing outside the directory counts by what it grew
+    (followed through a rename); one in the directories the engine's own code writes to
+    (``shared``: the sparsity pattern cache, ``EngineServer``'s) does not: counted, the
+    patterns clients' shapes had the engine write recycled it and struck the function."""
+    own, out, cache = (tmp_path / n for n in ("own", "out", "cache"))
+    for d in (own, out, cache):
+        d.mkdir()
+    watch = DiskWatch(str(own), limit=3 << 20, every_s=0.0, shared=(cache, None))
+    watch.start()
+    for d in (out, cache):
+        with open(d / "f.part", "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, 2 << 20)
+        os.replace(d / "f.part", d / "f")
+    watch.after_run("writer")
+    assert (2 << 20) <= watch.held()[0] < (4 << 20)
+    assert watch.check(time.monotonic()) is None  # (2 MiB of 3: with the cache's, 4, over)
+
+
 def test_a_directory_of_too_many_files_is_over_by_itself(tmp_path) -> None:
     """A million empty files take no blocks, yet each costs the walk: past
     ``max_entries`` the walk stops and the engine is over the bound."""

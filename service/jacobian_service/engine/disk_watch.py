@@ -53,8 +53,12 @@ _NOT_DISK = ("/dev/", "/proc/", "/sys/")  # (a /dev/shm file is memory: memory_w
 
 class DiskWatch:
     def __init__(self, directory: str | None, limit: int | None = None, every_s: float = 1.0,
-                 idle_every_s: float = 10.0, max_entries: int = 20_000) -> None:
+                 idle_every_s: float = 10.0, max_entries: int = 20_000, shared: tuple[object, ...] = ()) -> None:
         self.directory = directory  # None: not watched (no directory of its own)
+        # Directories the engine's own code writes to (the sparsity pattern cache): not the
+        # functions' files. Noted, the patterns clients' shapes had the engine write were
+        # charged to the function asked for, recycling its engine and striking it.
+        self.shared = tuple(str(d) for d in shared if d)
         self.setting = limit
         self.every_s = every_s
         self.idle_every_s = idle_every_s
@@ -118,11 +122,12 @@ class DiskWatch:
         if not self._hooked:  # (once a process: an audit hook cannot be removed)
             self._hooked = True
             # Not its own directory (walked), nor the caches compiled kernels are kept in
-            # for every engine after (torch.compile's, triton's), which the engines share.
+            # for every engine after (torch.compile's, triton's), which the engines share,
+            # nor the engine's own (``shared``).
             cache = os.path.join(os.path.expanduser("~"), ".triton", "")
             self._own = tuple(os.path.join(os.path.abspath(d), "") for d in (
                 self.directory, os.environ.get("TORCHINDUCTOR_CACHE_DIR") or self.directory,
-                os.environ.get("TRITON_CACHE_DIR") or cache))
+                os.environ.get("TRITON_CACHE_DIR") or cache, *self.shared))
             sys.addaudithook(self._opened)
         self._held = self.held()[0]
         self._free = _free(self.directory)

@@ -114,7 +114,8 @@ class EngineServer:
         # a new engine would load again, recycled after each request, for ever.
         self._ran_out = settings.engine_max_device_bytes is not None
         self.descriptors = DescriptorWatch()
-        self.disk = DiskWatch(None, settings.engine_max_tmp_bytes)  # its directory: open()
+        self.disk = DiskWatch(None, settings.engine_max_tmp_bytes,  # its directory: open()
+                              shared=(self.engine.sparsity_cache.directory,))
         self._ran = ""  # the function of the last batch run
         self._ran_tags: list[str] = []  # its requests
         self._answers: list[tuple[Peer, str]] = []  # the batch's answers, to whom (``_unanswered``)
