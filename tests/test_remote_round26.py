@@ -232,6 +232,9 @@ def test_an_input_left_out_is_named_not_the_format_the_sdk_chose(cc: Counted, ap
     r = app.post("/v1/functions/add_square/jacobian", json={"inputs": {"z": [1.0]}})
     assert r.status_code == 422 and (r.json()["missing"], r.json()["inputs"]) == (["x", "y"], ["x", "y"])
     assert "unknown ['z']" in r.json()["detail"]
+    # a positional list too short: those left out too (the members were only a body by name's)
+    r = app.post("/v1/functions/add_square/jacobian", json={"inputs": [[1.0]]})
+    assert r.status_code == 422 and (r.json()["missing"], r.json()["inputs"]) == (["y"], ["x", "y"])
 
 
 def _npy(a: np.ndarray) -> bytes:

@@ -666,7 +666,9 @@ def _json_parts(spec: FunctionSpec, kind: Kind, doc: dict[str, Any], raw_options
     elif not isinstance(given, list):
         raise InvalidInput("'inputs' must be a list (positional) or an object (by name)")
     elif len(given) != len(spec.inputs):
-        raise InvalidInput(_arity(spec, given))
+        names = [i.name for i in spec.inputs]  # (fewer: those left out, as a body by name says them)
+        raise InvalidInput(_arity(spec, given),
+                           fields=_missing_fields(names, names[len(given):]) if len(given) < len(names) else None)
     arrays = [
         leaf
         for obj, inp in zip(given, spec.inputs)
