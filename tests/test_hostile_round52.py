@@ -11,7 +11,9 @@ input 666 (round 11's ``_armed``), the second input picking how. The watch itsel
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -139,6 +141,30 @@ def test_a_sysv_segment_left_unmapped_is_counted_as_the_engines_memory_and_remov
     finally:
         assert remove_segments(os.getpid(), since) == (4, SYSV_BYTES + QUEUED_BYTES)
     assert sysv_segments(os.getpid()) == [] and sysv_queues(os.getpid()) == [] and not sems & _semaphore_sets()
+
+
+_UNREADABLE_SET = """import ctypes, os, sys, time
+from jacobian_service.orphans import remove_segments
+libc = ctypes.CDLL(None, use_errno=True)
+since = time.time() - 1
+semid = libc.semget(0, 2, 0o1000)  # IPC_PRIVATE, IPC_CREAT, no mode bits: its maker may not read it
+assert semid >= 0 and libc.semctl(semid, 0, 11) == -1  # GETPID refused
+removed = remove_segments(os.getpid() + 1, since)  # (a dead engine's pid: not this process)
+if removed[0] == 0:
+    libc.semctl(semid, 0, 0)
+print(removed[0])
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="made as another user: root, setpriv")
+def test_a_private_semaphore_set_its_maker_cannot_read_goes_too() -> None:
+    """Made with no mode bits (a C ``semget(IPC_PRIVATE, n, IPC_CREAT)``), a set's
+    ``GETPID`` is refused to any user but root: run as one, the private, never operated
+    on set a function left was kept, one of the machine's ``SEMMNI``."""
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                          _UNREADABLE_SET], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0 and out.stdout.split() == ["1"], (out.stdout, out.stderr[-2000:])
 
 
 def _semaphore_sets() -> set[int]:

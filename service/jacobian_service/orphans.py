@@ -173,7 +173,10 @@ def remove_segments(creator: int, since: float | None = None) -> tuple[int, int]
         asked = min(nsems, budget)
         budget -= asked
         pids = {libc.semctl(ctypes.c_int(semid), ctypes.c_int(i), ctypes.c_int(11)) for i in range(asked)}  # GETPID
-        if creator in pids or (key == 0 and operated == 0 and pids <= {0} and asked == nsems):
+        # (-1: GETPID refused, a set its maker gave no read permission, as semget(IPC_PRIVATE,
+        # n, IPC_CREAT) with no mode bits does: unless root, the private one never operated on
+        # was left, the way round for a function filling SEMMNI)
+        if creator in pids or (key == 0 and operated == 0 and pids <= {0, -1} and asked == nsems):
             found.append((semid, 0, "sem"))
     removed, held = 0, 0
     for ident, size, kind in found:
