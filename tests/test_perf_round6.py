@@ -137,7 +137,9 @@ def test_json_requests_on_a_real_server_are_answered_and_refused_as_before():
     x[3], x[4] = 0.0, 1.0
     want = jacrev(mlp)(torch.from_numpy(x)).numpy()
     url_path = "/v1/functions/mlp/jacobian"
-    with live_server() as (url, _):
+    # mlp only: the built-ins, one front end, no spare, no warm-ups (the defaults warmed
+    # the tests' 68 functions in an engine and its spare, for a test that sends one).
+    with live_server(FUNCTIONS="jacobian_service.examples", WORKERS=1, ENGINE_STANDBY="false", WARMUP="false") as (url, _):
         with httpx.Client(base_url=url, timeout=60) as c:
             for data in (x.tolist(), [float(v) for v in x], [int(v) if v in (0.0, 1.0) else float(v) for v in x]):
                 r = c.post(url_path, content=orjson.dumps({"inputs": [data]}), headers={"content-type": "application/json"})
