@@ -80,6 +80,7 @@ class _Held:
         deadline = time.monotonic() + 30
         while _queue_depth(self.url) < (depth or len(self.threads)):
             assert time.monotonic() < deadline, (name, self.answers)
+            time.sleep(0.01)  # (not a busy loop of /metrics requests: the front end fills the queue meanwhile)
 
     def release(self) -> None:
         clients28_functions.gate(self.number).touch()
@@ -99,19 +100,32 @@ def test_a_batch_never_runs_past_its_requests_deadlines(server: str) -> None:
     Hessians one client sent at once (1.3 s each) ran as one batch of 39, past their
     60 s deadline: every one a 504 after a minute of the engine. Now a batch holds no
     more requests than the last batch's time per request fits in half the time left to
-    its earliest deadline: here requests each given four times one's cost and 2 s (all
-    of them take more) are answered, the first at least, never all 504."""
-    each = _each_s(server)
-    timeout_s = 4 * each + 2.0  # (2 s: the queue fills meanwhile)
-    count = min(MAX_QUEUE - 2, int(timeout_s / each) + 3)
-    if (count - 1) * each <= timeout_s:  # one batch of all would be in time: nothing to show here
-        pytest.skip(f"this machine computes a slow_chain Jacobian in {each:.3f} s: too fast for the queue's room")
-    with _Held(server) as held:
-        sent = time.monotonic()
-        held.add("slow", *SLOW, HOSTILE, timeout_s=timeout_s, count=count)
-        if time.monotonic() - sent >= timeout_s - 3 * each:  # (a loaded machine: not the service's doing)
-            held.release()
-            pytest.skip("the queue took too long to fill: no time left to test")
+    its earliest deadline: here requests each given six times one's cost and the queue's
+    fill (as many as one and a half times that holds) are answered, two batched at least, never all
+    504.
+
+    Sized to the time left once the queue is full, not to a fixed 2 s: the engine reads
+    the first queued job alone as the holder returns (one run), and a batch of two fits
+    only with four runs left (half the time left, ``_DEADLINE_SHARE``); under a loaded
+    machine (one run ~1 s) the fill took 2-3 s of a 2 s allowance and every request ran
+    alone (``0 >= 2``). A fill that leaves less than six runs is tried again with more
+    room (the load's doing, not the service's); the first try with time enough is asserted."""
+    room = 2.0  # (the queue's fill, s)
+    for _ in range(3):
+        each = _each_s(server)  # (again each try: the scheduler's own estimate is its key's last run)
+        timeout_s = 6 * each + room
+        count = min(MAX_QUEUE - 2, int(1.5 * timeout_s / each) + 2)
+        if (count - 1) * each <= 1.25 * timeout_s:  # one batch of all could be in time: nothing to show here
+            pytest.skip(f"this machine computes a slow_chain Jacobian in {each:.3f} s: too fast for the queue's room")
+        with _Held(server) as held:
+            sent = time.monotonic()
+            held.add("slow", *SLOW, HOSTILE, timeout_s=timeout_s, count=count)
+            filled_s = time.monotonic() - sent
+        if timeout_s - filled_s >= 6 * each:
+            break
+        room = 1.5 * filled_s + 0.5  # (a loaded machine filled the queue slowly: not the service's doing)
+    else:
+        pytest.skip(f"the queue took {filled_s:.1f} s to fill ({each:.3f} s a run): no time left to test, three times")
     slow = held.answers["slow"]
     batched = [r for r in slow if r.status_code == 200 and r.json()["meta"]["batch_size"] > 1]
     assert len(batched) >= 2, [r.text[:200] for r in slow]  # (one batch of all: each a 504)
