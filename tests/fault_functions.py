@@ -99,14 +99,22 @@ def _fork_and_exit(leave_the_group: bool) -> None:
     engine dies: a child holding copies of every descriptor the engine had open (its
     connections to the front ends, its listening socket). The child writes its pid to
     $FAULT_FORK_PIDFILE for the test to find."""
+    pidfile = os.environ.get("FAULT_FORK_PIDFILE")
     if os.fork() == 0:
         if leave_the_group:
             os.setsid()  # out of the engine's process group, beyond the supervisor's reach
-        with open(os.environ.get("FAULT_FORK_PIDFILE", os.devnull), "w") as f:
-            f.write(str(os.getpid()))
+        if pidfile:  # (whole or not at all: the test reads it as the engine's 500 comes)
+            with open(pidfile + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(pidfile + ".tmp", pidfile)
         time.sleep(120)
         os._exit(0)
-    time.sleep(0.2)  # the child has written its pid
+    # Until the child has left the group and written its pid, not a fixed 0.2 s: under load
+    # the child had not run yet, the test read an empty or missing file, and a forks_away
+    # child still in the group died with it (the subreaper's case untested).
+    deadline = time.monotonic() + 30
+    while pidfile and not os.path.exists(pidfile) and time.monotonic() < deadline:
+        time.sleep(0.01)
     os._exit(3)
 
 

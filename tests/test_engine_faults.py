@@ -109,8 +109,8 @@ class TestFaults:
         worker): the child holds the engine's sockets open, so no front end sees its
         connection close. Before, every later request went down that dead connection and
         ran to its deadline, for good. The engine leads a process group, which the
-        supervisor kills whole (``forks``); a child that left the group (``forks_away``)
-        0.2 s before the crash comes to ``serve``, a child subreaper, and is killed too
+        supervisor kills whole (``forks``); a child that left the group (``forks_away``,
+        its pid written before the crash) comes to ``serve``, a child subreaper, and is killed too
         (before, the supervisor's look at the engine's descendants, once a second, could
         miss it)."""
         url = served.url
