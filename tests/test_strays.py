@@ -213,7 +213,12 @@ alive = os.fork()
 if alive == 0:
     time.sleep(30)
     os._exit(0)
-time.sleep(0.2)  # the first has ended (a zombie: not waited for)
+# the first has ended (a zombie: not waited for); waited for, not a fixed 0.2 s (under load
+# it may not have run yet, and a live child names its function as the other does)
+deadline = time.monotonic() + 30
+while open(f"/proc/{ended}/stat").read().rpartition(")")[2].split()[0] != "Z":
+    assert time.monotonic() < deadline, "the first child never ended"
+    time.sleep(0.01)
 strays.after_run("leaves_a_zombie")
 with_both = strays.left()
 os.kill(alive, signal.SIGKILL)
