@@ -232,9 +232,19 @@ def test_an_input_left_out_is_named_not_the_format_the_sdk_chose(cc: Counted, ap
     r = app.post("/v1/functions/add_square/jacobian", json={"inputs": {"z": [1.0]}})
     assert r.status_code == 422 and (r.json()["missing"], r.json()["inputs"]) == (["x", "y"], ["x", "y"])
     assert "unknown ['z']" in r.json()["detail"]
-    # a positional list too short: those left out too (the members were only a body by name's)
-    r = app.post("/v1/functions/add_square/jacobian", json={"inputs": [[1.0]]})
-    assert r.status_code == 422 and (r.json()["missing"], r.json()["inputs"]) == (["y"], ["x", "y"])
+    # (browser round 20) the same inputs left out of a positional list, or of the sparsity
+    # query's shapes: the members too (a page reading `missing` found none there); one too
+    # many has none (nothing is missing)
+    for method, path, kw, missing in (
+            ("POST", "/v1/functions/add_square/jacobian", {"json": {"inputs": [[1.0]]}}, ["y"]),
+            ("POST", "/v1/functions/polar/evaluate", {"json": {"inputs": []}}, ["r", "theta"]),
+            ("GET", "/v1/functions/add_square/sparsity", {"params": {"shapes": "3"}}, ["y"]),
+            ("POST", "/v1/functions/sin/jacobian", {"json": {"inputs": [[1.0], [2.0]]}}, None),
+            ("GET", "/v1/functions/sin/sparsity", {"params": {"shapes": "3;3"}}, None)):
+        problem = app.request(method, path, **kw).json()
+        assert (problem["status"], problem.get("missing")) == (422, missing), (path, kw, problem)
+        if missing:
+            assert problem["inputs"] == (["r", "theta"] if "polar" in path else ["x", "y"]), problem
 
 
 def _npy(a: np.ndarray) -> bytes:

@@ -257,8 +257,9 @@ _COMPONENTS: dict[str, Any] = {
                                            "complex64 or complex128, which torch.func's jacrev and jacfwd "
                                            "refuse: `evaluate`, `vjp`, `jvp` and `hvp` answer it"},
             "missing": {"type": "array", "items": {"type": "string"},
-                        "description": "a 422 for inputs left out (a JSON or `.npz` body without them, an `.npy` "
-                                       "body of one for a function of more): the names of those left out"},
+                        "description": "a 422 for inputs left out (a JSON or `.npz` body without them, a JSON "
+                                       "`inputs` list or the sparsity query's `shapes` that stops short, an "
+                                       "`.npy` body of one for a function of more): the names of those left out"},
             "inputs": {"type": "array", "items": {"type": "string"},
                        "description": "with `missing`: the function's inputs, in order"},
             "not_one_array": {"type": "string", "enum": ["aux", "output", "tuple", "pytree", "several_arrays"],

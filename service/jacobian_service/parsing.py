@@ -447,6 +447,13 @@ def _by_name(spec: FunctionSpec, given: Mapping[str, Any]) -> list[Any]:
     return out
 
 
+def _short_fields(spec: FunctionSpec, given: int) -> dict[str, Any]:
+    """``missing`` / ``inputs`` for inputs given by position (a JSON list, the sparsity
+    query's shapes) that stop short: those past the last given; none for too many."""
+    names = [inp.name for inp in spec.inputs]
+    return _missing_fields(names, names[given:]) if given < len(names) else {}
+
+
 def _missing_fields(names: list[str], missing: list[str]) -> dict[str, Any]:
     """A missing input's problem members: ``missing`` (every input left out) and
     ``inputs`` (what the function takes, in order), for a client to say in its own terms
@@ -666,9 +673,9 @@ def _json_parts(spec: FunctionSpec, kind: Kind, doc: dict[str, Any], raw_options
     elif not isinstance(given, list):
         raise InvalidInput("'inputs' must be a list (positional) or an object (by name)")
     elif len(given) != len(spec.inputs):
-        names = [i.name for i in spec.inputs]  # (fewer: those left out, as a body by name says them)
-        raise InvalidInput(_arity(spec, given),
-                           fields=_missing_fields(names, names[len(given):]) if len(given) < len(names) else None)
+        # (too few: the members a body by name or an .npy gets for the same inputs left
+        # out; a page or the SDK read them there and found none here)
+        raise InvalidInput(_arity(spec, given), fields=_short_fields(spec, len(given)))
     arrays = [
         leaf
         for obj, inp in zip(given, spec.inputs)
@@ -1038,7 +1045,7 @@ def parse_sparsity_query(spec: FunctionSpec, query: Mapping[str, str], limits: w
     shapes = _shapes(query["shapes"])
     if len(shapes) != len(spec.inputs):
         raise InvalidInput(f"{spec.name} takes {len(spec.inputs)} inputs {[i.name for i in spec.inputs]}; "
-                           f"shapes gives {len(shapes)}")
+                           f"shapes gives {len(shapes)}", fields=_short_fields(spec, len(shapes)))
     kind = query.get("kind", "jacobian")
     if kind not in ("jacobian", "hessian"):
         raise InvalidInput(f"kind is jacobian or hessian, not {echo(kind)}")
