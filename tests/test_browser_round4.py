@@ -151,6 +151,12 @@ def test_errors_written_below_the_app_carry_the_apps_cors_headers(api, pages, ht
     headers, problem = _raw(api, b"GET /healthz HTTP/1.1\r\nHost: t\r\nOrigin: %s\r\nX-Big: " % allowed.encode(),
                             b"a" * (40 << 10), wait_s=0.1)
     assert (headers[":status"], problem["code"], _cors(headers)) == ("431", "headers_too_large", want)
+    # (browser round 20) The Origin after the header that passes the limit, in a later
+    # piece (a browser writes it after the page's own headers): answered at once it had
+    # none; the rest of the head is read for it now.
+    headers, problem = _raw(api, b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * (40 << 10),
+                            b"a" * (30 << 10) + b"\r\nOrigin: %s\r\n\r\n" % allowed.encode(), wait_s=0.1)
+    assert (headers[":status"], problem["code"], _cors(headers)) == ("431", "headers_too_large", want)
 
     headers, problem = _raw(api, b"GET /healthz HTTP/1.1\r\nHost: t\r\nOrigin: %s\r\nX-Slow: 1\r\n" % allowed.encode())
     assert (headers[":status"], problem["code"], _cors(headers)) == ("408", "request_timeout", want)
@@ -250,16 +256,19 @@ def test_a_page_reads_the_431_of_a_request_whose_headers_are_too_large(api, page
     bearer token, say) read "TypeError: Failed to fetch"; now it reads the 431's
     problem+json and its X-Request-ID."""
     _open(browser, pages[0])
-    got = browser.eval(f"""(async () => {{
-      const r = await fetch({json.dumps(api + SIN)}, {{method: 'POST', credentials: 'include',
-        headers: {{'Content-Type': 'application/json', Authorization: 'Bearer ' + 'a'.repeat(40 << 10)}},
-        body: JSON.stringify({{inputs: [[0.5]]}})}}).catch(e => e);
-      if (r instanceof Error) return String(r);
-      return {{status: r.status, id: r.headers.get('x-request-id'), body: await r.json()}};
-    }})()""")
-    assert isinstance(got, dict), got
-    assert got["status"] == 431 and got["body"]["code"] == "headers_too_large", got
-    assert got["body"]["request_id"] == got["id"]
+    # (browser round 20: a 70 KB token, whose Origin header Chromium writes after it,
+    # past the first piece the server reads, read "Failed to fetch" still)
+    for size in (40 << 10, 70 << 10):
+        got = browser.eval(f"""(async () => {{
+          const r = await fetch({json.dumps(api + SIN)}, {{method: 'POST', credentials: 'include',
+            headers: {{'Content-Type': 'application/json', Authorization: 'Bearer ' + 'a'.repeat({size})}},
+            body: JSON.stringify({{inputs: [[0.5]]}})}}).catch(e => e);
+          if (r instanceof Error) return String(r);
+          return {{status: r.status, id: r.headers.get('x-request-id'), body: await r.json()}};
+        }})()""")
+        assert isinstance(got, dict), (size, got)
+        assert got["status"] == 431 and got["body"]["code"] == "headers_too_large", got
+        assert got["body"]["request_id"] == got["id"]
     browser.goto("about:blank")
 
 

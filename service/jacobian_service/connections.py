@@ -1092,6 +1092,26 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             waiting.add(self)
             self._refusal = (refusal, bytearray(), self.loop.call_later(REFUSAL_WAIT_S, self._refuse_waiting))
 
+        def _refuse_head(self, error: ServiceError, origins: list[bytes], scan: bytes) -> None:
+            """A head refused before its end (431): where its Origin has not come yet (a
+            browser writes it after the page's own headers: a 70 KB bearer token), the
+            rest of the head is read for it, as a refusal for the cap is (at most
+            ``max_header_bytes`` more, ``REFUSAL_WAIT_S``), and the answer carries the CORS
+            headers a page reads it by: answered at once, an allowed origin's page read
+            "Failed to fetch" where a 40 KB token's 431 (the Origin within the first
+            piece) was problem+json it reads."""
+            if (origins or cors is None or b"\r\n\r\n" in scan or len(waiting) >= REFUSALS_WAITING
+                    or self.transport.is_closing()):
+                self._refuse(error, origins)
+                return
+            waiting.add(self)
+            # (from the last line begun, where it may be an Origin line's start: _origins_in
+            # skips a head's first line, a part; a long one, the header past the limit, is
+            # left to be skipped so, not kept)
+            line = scan.rfind(b"\n")
+            self._refusal = (error, bytearray(scan[line:] if 0 <= line >= len(scan) - 4096 else b""),
+                             self.loop.call_later(REFUSAL_WAIT_S, self._refuse_waiting))
+
         def _refuse_waiting(self) -> None:
             # (still counted in ``waiting`` while its close lingers: the descriptors held
             # for such refusals stay bounded, whatever clients do)
@@ -1180,8 +1200,10 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             if self._refusal is not None:  # refused for the cap: its head is read for its Origin only
                 head = self._refusal[1]
                 start = max(0, len(head) - 3)  # (only what is new is searched: a trickled head costs no more)
-                head += data[:max_header_bytes - len(head)]
-                if head.find(b"\r\n\r\n", start) >= 0 or len(head) >= max_header_bytes:
+                # (twice the head limit: the Origin after a header line past it, as long as the
+                # gateway's line buffer, is still found)
+                head += data[:2 * max_header_bytes - len(head)]
+                if head.find(b"\r\n\r\n", start) >= 0 or len(head) >= 2 * max_header_bytes:
                     self._refuse_waiting()
                 return
             if self in live:
@@ -1204,8 +1226,8 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 self._header_bytes += in_piece
                 self._tail = scan[-3:] if end < 0 else b""
                 if self._header_bytes > max_header_bytes:
-                    self._refuse(head_too_large(max_header_bytes),
-                                 self._parsed_origins(begun) + _origins_in(scan))
+                    self._refuse_head(head_too_large(max_header_bytes), self._parsed_origins(begun) + _origins_in(scan),
+                                      scan)
                     return
                 if getattr(self, "conn", None) is not None:
                     # h11 has no callback per field: its lines are counted here (the request
@@ -1213,9 +1235,9 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                     # within h11's 16 KiB were read and held where httptools stops at 256.
                     self._fields += data.count(b"\n", 0, max(0, in_piece))
                     if self._fields > MAX_HEADER_FIELDS + 2:
-                        self._refuse(HeadersTooLarge(f"the request's headers are over the limit of {MAX_HEADER_FIELDS} "
-                                                     f"fields (and {max_header_bytes} bytes)"),
-                                     self._parsed_origins(begun) + _origins_in(scan))
+                        self._refuse_head(HeadersTooLarge(f"the request's headers are over the limit of "
+                                                          f"{MAX_HEADER_FIELDS} fields (and {max_header_bytes} bytes)"),
+                                          self._parsed_origins(begun) + _origins_in(scan), scan)
                         return
                 self._head_piece = data  # (what a 400 of the parser's reads the Origin from)
             super().data_received(data)
@@ -1494,6 +1516,8 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 self._header_timer = self.loop.call_later(left, self._header_timeout)
                 return
             self._header_timer = None
+            if self._refusal is not None:  # refused already: its own timer answers it
+                return
             cycle = getattr(self, "cycle", None)
             if cycle is not None and not cycle.response_complete:
                 return  # a request is being answered: its body and response are timed by the app
