@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import socket
 import subprocess
@@ -460,10 +461,36 @@ def _read(log: Any, still_s: float = 0.1, within_s: float = 1.0) -> str:
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
-    """``gpu`` tests run only where CUDA is (they are the same checks, on the device)."""
+    """Files longest first (``_longest_first``); ``gpu`` tests run only where CUDA is
+    (they are the same checks, on the device)."""
+    _longest_first(items)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _longest_first(items: list[Any]) -> None:
+    """Test files in order of their measured seconds (``file_seconds.json``, written by
+    ``scripts/file_seconds.py``), longest first; a file's own tests keep their order.
+
+    xdist (``--dist loadfile``, with ``--no-loadscope-reorder``) hands whole files to its
+    workers in this order. Its own order, files with the most tests first, left files
+    of few tests and several server starts to the end, where one ran alone on one core
+    while the other workers had nothing left. Longest first, the end is short files."""
+    path = ROOT / "tests" / "file_seconds.json"
+    seconds: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+    if not seconds:
+        return
+    median = sorted(seconds.values())[len(seconds) // 2]  # (a new file: a median one)
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.path, i)
+
+    def key(item: Any) -> tuple[float, int]:
+        name = item.path.relative_to(ROOT).as_posix() if item.path.is_relative_to(ROOT) else str(item.path)
+        return -seconds.get(name, median), first[item.path]
+
+    items.sort(key=key)
