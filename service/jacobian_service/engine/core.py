@@ -307,6 +307,8 @@ def _one_state(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def entry(self: "Engine", call: Call, *args: Any, **kwargs: Any) -> Any:
         profile = self.profiles[call.spec.name]
+        if not profile.initialised and kept_state.active.replay is None:
+            self.initialise(call)
         if kept_state.active.replay is not None or not (profile.keeps_state or profile.state_watched < _STATE_WATCHED):
             return method(self, call, *args, **kwargs)
         replay = kept_state.active.replay = kept_state.Replay(call.spec.fn)
@@ -520,6 +522,31 @@ class Engine:
                 raise InvalidInput(f"rows [{start}, {stop}] is out of range for {stream.total_rows} output rows")
         self.profiles[call.spec.name].output_rows[stream.signature] = stream.total_rows
         return stream
+
+    def initialise(self, call: Call) -> None:
+        """A function reaching a lazy module not yet materialised (``nn.LazyLinear``,
+        ``LazyConv*``, ``LazyBatchNorm*``) run once plainly, outside any transform, on
+        copies of ``call``'s inputs (a batched call's first example), before any
+        transform calls it: the dry run PyTorch asks of lazy modules. Its first call
+        inside ``jacrev``/``vmap`` crashed the engine (SIGSEGV, a warm-up's or a
+        request's: kept_state.reaches_uninitialized), in-process ``torch.func`` too.
+        What the dry run changed is left as a warm-up leaves it (the module
+        materialised, a counter put back: kept_state.warm_up); its failure is the
+        function's, and the next request looks again."""
+        profile = self.profiles[call.spec.name]
+        if not kept_state.reaches_uninitialized(call.spec.fn):
+            profile.initialised = True
+            return
+        args = self.tensors(call)
+        if call.batched:
+            in_dims = _vmap_dims.dims(call)
+            if not _vmap_dims.batch_size(args, in_dims):
+                return  # (no example to run: vmap runs none either)
+            args = _vmap_dims.example(args, in_dims, 0)
+        spec = call.spec
+        log.info("%s reaches a lazy module not yet materialised: run once outside torch.func first", spec.name)
+        kept_state.warm_up(spec.fn, lambda: self.guard(lambda: spec.fn(*spec.parameters(fresh(args)))))
+        profile.initialised = not kept_state.reaches_uninitialized(spec.fn)
 
     def warm_up(self, call: Call) -> Result:
         """A warm-up's Jacobian (the first jacrev of a function costs ~1 s), leaving what
@@ -1015,8 +1042,10 @@ class Engine:
         """Equal requests stacked into one call (:func:`batched.run_batch`), refused with
         :class:`batched.SharedDraws` where that call moved a global random generator that
         torch's vmap does not see: the scheduler then runs each request alone."""
-        drawn = self._draws()
         profile = self.profiles[calls[0].spec.name]
+        if not profile.initialised:
+            self.initialise(calls[0])
+        drawn = self._draws()
         # What the function keeps across calls (a counter, a global buffer it adds to),
         # taken so a stacked call that changed it, or failed, can put it back: its
         # members then run alone, each changing it once as alone it would. Taken for its

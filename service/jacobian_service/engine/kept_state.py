@@ -75,7 +75,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-__all__ = ["KeptState", "Replay", "active", "warm_up"]
+__all__ = ["KeptState", "Replay", "active", "reaches_uninitialized", "warm_up"]
 
 # A bounded walk: a function reaching a large object graph (a model's many submodules)
 # costs at most this many nodes; what lies past it is not watched.
@@ -102,6 +102,10 @@ _PLAIN = (type(None), bool, int, float, complex, str, bytes)
 _PLAIN_IDS = frozenset(map(id, _PLAIN))  # (by id: ``in`` a tuple of types may run a metaclass's __eq__)
 _PARTIAL = {name: functools.partial.__dict__[name] for name in ("func", "args", "keywords")}
 _NO_DISPATCH = torch.Tensor.__dict__["__torch_dispatch__"]
+# A lazy module's parameters and buffers before its first call (LazyLinear, LazyConv*,
+# LazyBatchNorm*): materialised by that call, whose class then changes (see
+# reaches_uninitialized)
+_UNINITIALIZED = torch.nn.parameter.UninitializedTensorMixin
 _FUNCTION_DICT = types.FunctionType.__dict__["__dict__"].__get__  # a function's own attributes
 _TYPE_DICT = type.__dict__["__dict__"].__get__  # a class's own namespace, no descriptor of its run
 
@@ -442,6 +446,10 @@ class KeptState:
         self._states: list[tuple[Any, Callable[[Any], Any], Any, Any]] = []  # (object, read, write, state)
         self._deques: list[tuple[collections.deque[Any], list[Any]]] = []
         self._spaces: list[tuple[Any, Any, int]] = []  # (module or class, its namespace, depth)
+        # (an object walked, its class then, its __dict__): one whose class a call changed
+        # is not put back (_moved)
+        self._instances: list[tuple[Any, type, dict[str, Any] | None]] = []
+        self.uninitialized = False  # (a lazy module's parameter or buffer was met)
         self._code_names: set[str] = set()
         self._copied = 0
         self._array_bytes = 0
@@ -553,6 +561,7 @@ class KeptState:
                 pass
         else:
             attributes = _instance_dict(v)
+            self._instances.append((v, kind, attributes))
             if attributes is not None:
                 self._walk(attributes, depth + 1)
             # __slots__ members (no __dict__ shows them: ``self.n += 1`` on a slotted object)
@@ -657,13 +666,19 @@ class KeptState:
             self._walk(g.gi_yieldfrom, depth + 1)
 
     def _tensor(self, t: torch.Tensor) -> None:
+        kind = type(t)
+        if issubclass(kind, _UNINITIALIZED):
+            # (no storage of its own yet, nothing to copy: its first call materialises it,
+            # see reaches_uninitialized)
+            self.uninitialized = True
+            return
         try:
             version = t._version
+            nbytes = t.numel() * t.element_size() if t.layout == torch.strided else _COPY_BYTES + 1
         except Exception:  # a tensor without storage (a functional or batched wrapper): no word
             return
         copy = None
-        nbytes = t.numel() * t.element_size() if t.layout == torch.strided else _COPY_BYTES + 1
-        if _class_attr(type(t), "__torch_dispatch__") is not _NO_DISPATCH:
+        if _class_attr(kind, "__torch_dispatch__") is not _NO_DISPATCH:
             nbytes = _COPY_BYTES + 1  # a subclass's own kernels (user code) would copy it: only watched
         elif t.requires_grad and t.is_leaf:
             # A model's weights (nn.Parameter): autograd refuses a write into one in place
@@ -734,9 +749,54 @@ class KeptState:
         with torch._C.DisableTorchFunctionSubclass():
             return self._restore()
 
+    def _moved(self) -> set[int]:
+        """The ids of the objects whose class the call changed, and of what they hold
+        (their ``__dict__``, the containers and tensors in it): a lazy module's first
+        call materialises its parameters and becomes its ``cls_to_become`` (LazyLinear
+        a Linear, each UninitializedParameter a Parameter), and removes its
+        initialisation hook. Put back, its ``__dict__`` alone (the hook, ``in_features
+        = 0``) made a Linear with a lazy module's hook and no ``initialize_parameters``
+        (its class and its parameters' storage cannot be put back): a one-time
+        initialisation, kept as the call left it, as a cache filled on first use is."""
+        moved = [(v, attributes) for v, kind, attributes in self._instances if type(v) is not kind]
+        held: set[int] = set()
+        if not moved:
+            return held
+        stack: list[Any] = []
+        for v, attributes in moved:
+            held.add(id(v))
+            if attributes is not None:
+                stack.append(attributes)
+        while stack and len(held) < _MAX_NODES:
+            v = stack.pop()
+            if id(v) in held:
+                continue
+            held.add(id(v))
+            kind = type(v)
+            # (containers only, through the builtin types' own methods; another object
+            # is its own: a submodule whose class stayed is put back as it is)
+            if issubclass(kind, dict):
+                stack.extend(dict.values(v))
+                continue
+            for base in (list, tuple, set, frozenset, collections.deque):
+                if issubclass(kind, base):
+                    stack.extend(base.__iter__(v))
+                    break
+        return held
+
     def _restore(self) -> bool:
         # (through the builtin types' own methods: a subclass's are user code)
         whole = True
+        moved = self._moved()
+        if moved:
+            whole = False
+            self._dicts = [(d, items) for d, items in self._dicts if id(d) not in moved]
+            self._lists = [(lst, items) for lst, items in self._lists if id(lst) not in moved]
+            self._sets = [(s, items) for s, items in self._sets if id(s) not in moved]
+            self._deques = [(dq, items) for dq, items in self._deques if id(dq) not in moved]
+            self._tensors = [entry for entry in self._tensors if id(entry[0]) not in moved]
+            self._slots = [entry for entry in self._slots if id(entry[0]) not in moved]
+            self._instances = [entry for entry in self._instances if id(entry[0]) not in moved]
         for d, items in self._dicts:
             if _dict_changed(d, items):
                 dict.clear(d)
@@ -947,6 +1007,19 @@ class Replay:
             self._origin[1]()
         self.calls = 0
         self.before = self.after = None
+
+
+def reaches_uninitialized(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` reaches a lazy module's parameter or buffer not yet materialised
+    (``torch.nn.LazyLinear``'s before its first call). Its first call inside a
+    ``torch.func`` transform sets the parameter's ``.data`` to a tensor of the
+    transform's level, which crashes the process (SIGSEGV: pytorch/pytorch#184876;
+    in-process ``jacrev`` over a fresh ``LazyLinear`` too, or where it survives, an
+    INTERNAL ASSERT at every later call): the engine first runs such a function once
+    outside any transform (Engine.initialise), the dry run PyTorch's lazy modules ask
+    for."""
+    with _plain():
+        return KeptState(fn).uninitialized
 
 
 def warm_up(fn: Callable[..., Any], run: Callable[[], Any]) -> Any:

@@ -104,6 +104,9 @@ class FunctionProfile:
     state_watched: int = 0
     state_changed: int = 0
     keeps_state: bool = False
+    # True once a walk found no lazy module's parameter left to materialise
+    # (Engine.initialise): until then each request first looks
+    initialised: bool = False
     # Stacked batches of its requests whose call changed no such state (Engine.run_batch):
     # past _STATE_WATCHED, its batches are no longer watched
     stacked_unchanged: int = 0
