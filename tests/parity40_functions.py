@@ -66,3 +66,25 @@ def lazy_late(x):
     if x.shape[0] != 4:
         raise ValueError("lazy_late takes 4 numbers")
     return LATE(x)
+
+
+class _Replaced(torch.nn.Module):
+    """A parameter whose ``.data`` its first call replaces (set up on first use):
+    inside a transform, SIGSEGV in-process too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.empty(0, dtype=torch.float64))
+
+    def forward(self, x):
+        if self.p.numel() == 0:
+            self.p.data = torch.arange(1.0, 4.0, dtype=torch.float64)
+        return (self.p * x**2).sum()
+
+
+REPLACED = _Replaced()
+
+
+@register(inputs=[Input("x", shape=(3,), dtype="float64")])
+def replaced_at_first_call(x):
+    return REPLACED(x)

@@ -74,6 +74,10 @@ def test_lazy_modules_answer_torch_funcs_values_and_no_engine_dies(c):
     bn = torch.nn.BatchNorm1d(3).double().eval()
     jb, _ = answer(post(c, "lazy_bn", "jacobian", [X43]), "jacobian")
     np.testing.assert_allclose(jb, f.jacrev(lambda x: bn(x) ** 2)(T(X43)).detach().numpy(), rtol=1e-12)
+    # a Parameter's .data replaced at the first call (set up on first use): that call
+    # inside a transform was SIGSEGV as well
+    h, _ = answer(post(c, "replaced_at_first_call", "hessian", [X3]), "hessian")
+    np.testing.assert_array_equal(h, np.diag([2.0, 4.0, 6.0]))
     assert restarts(c.url) == 0
     assert "died" not in c.proc.read_log()
 

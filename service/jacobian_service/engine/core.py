@@ -525,14 +525,16 @@ class Engine:
 
     def initialise(self, call: Call) -> None:
         """A function reaching a lazy module not yet materialised (``nn.LazyLinear``,
-        ``LazyConv*``, ``LazyBatchNorm*``) run once plainly, outside any transform, on
-        copies of ``call``'s inputs (a batched call's first example), before any
-        transform calls it: the dry run PyTorch asks of lazy modules. Its first call
-        inside ``jacrev``/``vmap`` crashed the engine (SIGSEGV, a warm-up's or a
-        request's: kept_state.reaches_uninitialized), in-process ``torch.func`` too.
-        What the dry run changed is left as a warm-up leaves it (the module
-        materialised, a counter put back: kept_state.warm_up); its failure is the
-        function's, and the next request looks again."""
+        ``LazyConv*``, ``LazyBatchNorm*``) or an empty Parameter (its first call sets
+        its ``.data``) run once plainly, outside any transform, on copies of ``call``'s
+        inputs (a batched call's first example), before any transform calls it: the dry
+        run PyTorch asks of lazy modules. Made inside ``jacrev``/``vmap``, that first
+        call set a Parameter's ``.data`` to a tensor of the transform's level: SIGSEGV
+        (kept_state.reaches_uninitialized; in-process ``torch.func`` crashes too), at the
+        warm-up and then at the first request. What the dry run changed is left as a
+        warm-up leaves it (the module materialised, a counter put back:
+        kept_state.warm_up); its failure is the request's, and while a lazy module is
+        left to materialise the next request tries again."""
         profile = self.profiles[call.spec.name]
         if not kept_state.reaches_uninitialized(call.spec.fn):
             profile.initialised = True
@@ -544,9 +546,10 @@ class Engine:
                 return  # (no example to run: vmap runs none either)
             args = _vmap_dims.example(args, in_dims, 0)
         spec = call.spec
-        log.info("%s reaches a lazy module not yet materialised: run once outside torch.func first", spec.name)
+        log.info("%s reaches a lazy module or an empty Parameter: run once outside torch.func first", spec.name)
         kept_state.warm_up(spec.fn, lambda: self.guard(lambda: spec.fn(*spec.parameters(fresh(args)))))
-        profile.initialised = not kept_state.reaches_uninitialized(spec.fn)
+        # (a Parameter left empty is the function's own: not run so again)
+        profile.initialised = kept_state.reaches_uninitialized(spec.fn) != "lazy"
 
     def warm_up(self, call: Call) -> Result:
         """A warm-up's Jacobian (the first jacrev of a function costs ~1 s), leaving what

@@ -450,6 +450,7 @@ class KeptState:
         # is not put back (_moved)
         self._instances: list[tuple[Any, type, dict[str, Any] | None]] = []
         self.uninitialized = False  # (a lazy module's parameter or buffer was met)
+        self.placeholder = False  # (an empty Parameter, for its first call to fill, was met)
         self._code_names: set[str] = set()
         self._copied = 0
         self._array_bytes = 0
@@ -677,6 +678,8 @@ class KeptState:
             nbytes = t.numel() * t.element_size() if t.layout == torch.strided else _COPY_BYTES + 1
         except Exception:  # a tensor without storage (a functional or batched wrapper): no word
             return
+        if nbytes == 0 and issubclass(kind, torch.nn.Parameter):
+            self.placeholder = True  # (``.data`` set at its first call: see reaches_uninitialized)
         copy = None
         if _class_attr(kind, "__torch_dispatch__") is not _NO_DISPATCH:
             nbytes = _COPY_BYTES + 1  # a subclass's own kernels (user code) would copy it: only watched
@@ -1009,17 +1012,19 @@ class Replay:
         self.before = self.after = None
 
 
-def reaches_uninitialized(fn: Callable[..., Any]) -> bool:
-    """Whether ``fn`` reaches a lazy module's parameter or buffer not yet materialised
-    (``torch.nn.LazyLinear``'s before its first call). Its first call inside a
-    ``torch.func`` transform sets the parameter's ``.data`` to a tensor of the
-    transform's level, which crashes the process (SIGSEGV: pytorch/pytorch#184876;
-    in-process ``jacrev`` over a fresh ``LazyLinear`` too, or where it survives, an
-    INTERNAL ASSERT at every later call): the engine first runs such a function once
-    outside any transform (Engine.initialise), the dry run PyTorch's lazy modules ask
-    for."""
+def reaches_uninitialized(fn: Callable[..., Any]) -> str | None:
+    """``"lazy"`` where ``fn`` reaches a lazy module's parameter or buffer not yet
+    materialised (``torch.nn.LazyLinear``'s before its first call), ``"placeholder"``
+    where it reaches an empty ``nn.Parameter`` (one its first call fills, ``p.data =
+    ...``), else None. That first call inside a ``torch.func`` transform sets the
+    parameter's ``.data`` to a tensor of the transform's level, which crashes the process
+    (SIGSEGV: pytorch/pytorch#184876; in-process ``jacrev`` over a fresh ``LazyLinear``
+    too, or where it survives, an INTERNAL ASSERT at every later call): the engine first
+    runs such a function once outside any transform (Engine.initialise), the dry run
+    PyTorch's lazy modules ask for."""
     with _plain():
-        return KeptState(fn).uninitialized
+        kept = KeptState(fn)
+    return "lazy" if kept.uninitialized else "placeholder" if kept.placeholder else None
 
 
 def warm_up(fn: Callable[..., Any], run: Callable[[], Any]) -> Any:
