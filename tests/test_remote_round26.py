@@ -40,7 +40,7 @@ from .conftest import ready_app, sdk_over
 
 @pytest.fixture(scope="module")
 def app() -> Iterator[Any]:
-    with ready_app("jacobian_service.examples") as a:
+    with ready_app("jacobian_service.examples,tests.remote28_functions") as a:
         yield a
 
 
@@ -294,6 +294,11 @@ def test_the_sdks_methods_take_inputs_by_name(cc: Counted) -> None:
         with pytest.raises(TypeError, match=message):
             call()
     assert set(cc.take()) <= {"add_square"}  # none computed: at most the names asked again
+    # (round 28) asked again once for a wrong call, not at each: it asked every time
+    for _ in range(3):
+        with pytest.raises(TypeError, match="unexpected keyword argument 'q'"):
+            c.jvp("add_square", q=Y, tangents=X)
+    assert cc.take() == ["add_square"]
 
 
 def test_a_scipy_objective_takes_its_inputs_by_name(cc: Counted) -> None:
@@ -364,3 +369,64 @@ def _forward(app: Any) -> Any:
         return httpx.Response(r.status_code, headers=headers, content=r.content)
 
     return forward
+
+
+# --------------------------------------------------------------------------- round 28
+
+
+M = np.linspace(2.0, 3.0, 5)
+
+
+def test_an_input_named_as_an_option_is_never_taken_for_it(cc: Counted) -> None:
+    """``r28_modes(x, mode)``: ``client.jacobian("r28_modes", X, mode=M)`` set jacobian's
+    ``mode`` option to the array ("The truth value of an array ... is ambiguous"), and
+    ``jacrev("r28_modes")(x=X, mode=M)`` did too. A method's option given by an input's
+    name, that input left out, is now a TypeError saying to pass it by position; a
+    method without that option (evaluate, jvp) and jacrev's callable take it by name."""
+    c = cc.client
+    np.testing.assert_array_equal(c.jacobian("r28_modes", X, M), np.diag(M))
+    np.testing.assert_array_equal(c.jacobian("r28_modes", X, M, mode="fwd"), np.diag(M))  # beside it: the option
+    cc.take()
+    clash = (r"client.jacobian\('r28_modes'\): mode= sets its own option 'mode', and r28_modes also takes an input "
+             r"'mode', which this call leaves out; pass input 'mode' by position \(r28_modes's inputs, in order: x, mode\)")
+    for call, message in [
+        (lambda: c.jacobian("r28_modes", X, mode=M), clash),
+        (lambda: c.jacobian("r28_modes", x=X, mode=M), clash),
+        (lambda: c.sparsity("r28_modes", (5,), mode=M), r"client.sparsity\('r28_modes'\): mode= sets its own option"),
+        (lambda: c.jacobian("r28_modes", x=X), r"missing input 'mode' \(its inputs are x, mode\); 'mode' is also its "
+                                               r"own option, so mode= cannot pass it: pass input 'mode' by position"),
+    ]:
+        with pytest.raises(TypeError, match=message):
+            call()
+    # nothing computed; the names asked for the first, and again once for the second call's
+    # kind (x by name: kept names may be out of date), kept since
+    assert cc.take() == ["r28_modes", "r28_modes"]
+    np.testing.assert_array_equal(c.evaluate("r28_modes", mode=M, x=X), X * M)
+    np.testing.assert_array_equal(c.jvp("r28_modes", X, mode=M, tangents=Y, argnums="mode"), X * Y)
+    np.testing.assert_array_equal(c.jacrev("r28_modes", argnums="mode")(x=X, mode=M), np.diag(X))
+    np.testing.assert_array_equal(c.jacrev("r28_modes", mode="fwd")(X, mode=M), np.diag(M))
+    assert cc.take() == ["evaluate", "jvp", "jacobian", "jacobian"]
+
+
+def test_sparsity_and_jacobian_split_take_inputs_by_name(cc: Counted, app: Any, tmp_path: Any) -> None:
+    """``client.sparsity("add_square", x=(5,), y=Y)`` and ``jacobian_split(urls,
+    "add_square", x=X, y=Y)`` were "unexpected keyword argument" (the split's keywords
+    all went to its clients); they take inputs as jacobian() does now."""
+    c = cc.client
+    by_name, by_position = c.sparsity("add_square", y=Y, x=(5,), argnums="y"), c.sparsity("add_square", (5,), Y,
+                                                                                          argnums=1)
+    np.testing.assert_array_equal(by_name["matrix"].toarray(), by_position["matrix"].toarray())
+    np.testing.assert_array_equal(by_name["matrix"].toarray(), np.eye(5))
+    with pytest.raises(TypeError, match="unexpected keyword argument 'z'; its inputs are x, y"):
+        c.sparsity("add_square", x=(5,), z=(5,))
+    options = {"http_transport": httpx.MockTransport(_forward(app)), "max_retries": 0}
+    urls = ["http://a.test", "http://b.test"]
+    J = jacobian_split(urls, "add_square", y=Y, x=X, argnums="y", chunk_rows=2, **options)
+    np.testing.assert_array_equal(J, np.diag(2 * Y))
+    J = jacobian_split(urls, "r28_modes", X, M, argnums="mode", out=tmp_path / "J.npy", **options)
+    np.testing.assert_array_equal(J, np.diag(X))
+    with pytest.raises(TypeError, match=r"jacobian_split\('r28_modes'\): mode= sets its own option 'mode'"):
+        jacobian_split(urls, "r28_modes", X, mode=M, **options)
+    with pytest.raises(TypeError, match=r"jacobian_split\('add_square'\) is missing input 'y'"):
+        jacobian_split(urls, "add_square", x=X, **options)
+    assert _files(tmp_path) == ["J.npy"]

@@ -36,6 +36,7 @@ Wire choices (SPEC 3.1-3.3):
 from __future__ import annotations
 
 import email.utils
+import inspect
 import io
 import math
 import random
@@ -751,6 +752,53 @@ def in_sdk_terms(call: Call, exc: InvalidInput) -> InvalidInput | None:
 _UNBOUND = object()  # an input not given (bind_inputs)
 
 
+def own_options(method: Any) -> dict[str, Any]:
+    """A method's keyword-only options and their defaults (``mode``, ``out``, ...)."""
+    key = getattr(method, "__func__", method)
+    found = _OWN_OPTIONS.get(key)
+    if found is None:
+        found = _OWN_OPTIONS[key] = {p.name: p.default for p in inspect.signature(key).parameters.values()
+                                     if p.kind is p.KEYWORD_ONLY}
+    return found
+
+
+_OWN_OPTIONS: dict[Any, dict[str, Any]] = {}
+
+
+def _set(value: Any, default: Any) -> bool:
+    """Whether an option's value is other than its default (an array never is one)."""
+    return not (value is default or (type(value) is type(default) and value == default))
+
+
+def looks_like_input(value: Any) -> bool:
+    """An option's value that is an array (numpy's, torch's, JAX's): an input given by a
+    name the method takes as an option (``mode=M`` of a function of ``(x, mode)``)."""
+    return hasattr(value, "shape") or hasattr(value, "__array__")
+
+
+def check_option_clash(label: str, fn: str, options: Mapping[str, Any], values: Mapping[str, Any],
+                       names: Sequence[str], inputs: Sequence[Any], named: Mapping[str, Any]) -> None:
+    """A ``TypeError`` where an input of the function is named as one of the method's own
+    options (``options``: its keyword-only parameters and their defaults; ``values``: the
+    call's), the input is not given otherwise (by position or by name), and the option
+    is: ``client.jacobian("f", x, mode=M)`` of ``f(x, mode)`` set the option (a wrong
+    ``mode`` error, or ``rows=`` read as rows) and left the input out. Python cannot say
+    which was meant; the caller is told to pass the input by position. An option given
+    beside the input (by position) is that option, as Python would bind it."""
+    listed = ", ".join(names)
+    for i, n in enumerate(names):
+        if n not in options or i < len(inputs) or n in named:
+            continue
+        if n in values and _set(values[n], options[n]):
+            raise TypeError(
+                f"{label}: {n}= sets its own option {n!r}, and {fn} also takes an input {n!r}, which this call "
+                f"leaves out; pass input {n!r} by position ({fn}'s inputs, in order: {listed}), and {n}= "
+                f"beside it stays the option")
+        if named:
+            raise TypeError(f"{label} is missing input {n!r} (its inputs are {listed}); {n!r} is also its own "
+                            f"option, so {n}= cannot pass it: pass input {n!r} by position")
+
+
 def bind_inputs(label: str, names: Sequence[str], inputs: Sequence[Any], named: Mapping[str, Any]) -> tuple[Any, ...]:
     """``inputs`` then ``named`` (keyword inputs) in the order of ``names`` (the function's
     declared inputs), checked as Python checks a call: a ``TypeError`` for more
@@ -973,6 +1021,10 @@ class Protocol:
         if api_key:
             self.base_headers["Authorization"] = f"Bearer {api_key}"
         self.functions_cache: dict[str, FunctionInfo] = {}
+        # wrong keyword calls (function, positional count, keyword names, the names they
+        # were checked against): the names are asked again where kept ones do not fit a
+        # call (the registry may have changed), once per such call, not at each retry
+        self.misfits: set[tuple[Any, ...]] = set()
         self._npy_refused: set[tuple[str, str]] = set()
         # the seconds computing requests carry (see _computing_headers): repr spells a
         # positive finite float as the header's decimal number ("60.0", "1e-05")

@@ -24,8 +24,9 @@ from ._errors import IncompleteResponse, InvalidInput, NotAcceptable, TransportE
 from ._headwait import body_deadline, bound_head_reads, head_deadline
 from ._models import FunctionInfo
 from ._protocol import (
-    BINARY, DEFAULT_MAX_RESPONSE_BYTES, MAX_ERROR_BODY, Call, Deadline, RetryPolicy, bind_inputs, client_closed,
-    in_sdk_terms, not_an_answer, out_refused, shapes_of, shown_url, transport_error, with_body,
+    BINARY, DEFAULT_MAX_RESPONSE_BYTES, MAX_ERROR_BODY, Call, Deadline, RetryPolicy, bind_inputs,
+    check_option_clash, client_closed, in_sdk_terms, looks_like_input, not_an_answer, out_refused, own_options,
+    shapes_of, shown_url, transport_error, with_body,
 )
 
 __all__ = ["Client"]
@@ -211,7 +212,7 @@ class Client:
                    "in_dims": in_dims, "out_dims": out_dims,
                    "return_output": return_output, "rows": rows, "mode": mode,
                    "sparsity": sparsity, "sparse_format": sparse_format}
-        inputs, names = self._bound("jacobian", name, inputs, named)
+        inputs, names = self._bound("jacobian", name, inputs, named, locals())
         return self._execute(self._proto.compute_call(
             "jacobian", name, inputs, options, transport=transport, out=_path(out), progress=progress, names=names))
 
@@ -240,25 +241,30 @@ class Client:
         options = {"argnums": argnums, "chunk_size": chunk_size, "batched": batched,
                    "in_dims": in_dims, "out_dims": out_dims, "return_output": return_output,
                    "sparsity": sparsity, "sparse_format": sparse_format}
-        inputs, names = self._bound("hessian", name, inputs, named)
+        inputs, names = self._bound("hessian", name, inputs, named, locals())
         return self._execute(self._proto.compute_call(
             "hessian", name, inputs, options, transport=transport, out=_path(out), progress=progress, names=names))
 
     def sparsity(
         self,
         name: str,
+        /,
         *shapes_or_arrays: Any,
         kind: str = "jacobian",
         sparsity: str = "auto",
         argnums: int | str | tuple[int | str, ...] = 0,
         mode: str | None = None,
         format: str = "csr",
+        **named: Any,
     ) -> dict[str, Any]:
         """The sparsity pattern of ``name``'s Jacobian (``kind="hessian"``: Hessian) at
         these input shapes (``GET /v1/functions/{name}/sparsity``): one shape (a tuple)
-        or one array (its shape and dtype) per input. Returns the server's description
-        (``pattern`` with its ``source``, ``coloring``, ``products``, ``picture``) with
-        ``matrix``, the pattern as a sparse matrix of ones."""
+        or one array (its shape and dtype) per input, in order or by the function's input
+        names, as :meth:`jacobian` takes its inputs (``client.sparsity("f", x=(5,), y=Y)``).
+        Returns the server's description (``pattern`` with its ``source``, ``coloring``,
+        ``products``, ``picture``) with ``matrix``, the pattern as a sparse matrix of ones."""
+        # the query carries shapes by position: keyword ones placed by the declared names
+        shapes_or_arrays, _ = self._bound("sparsity", name, shapes_or_arrays, named, locals())
         shapes, dtypes = shapes_of(shapes_or_arrays)
         return self._execute(self._proto.sparsity_call(
             name, shapes, kind=kind, sparsity=sparsity, argnums=argnums, mode=mode, dtypes=dtypes, format=format))
@@ -268,7 +274,7 @@ class Client:
         transport: str | None = None, **named: Any,
     ) -> Any:
         """The function's output (``(output, aux)`` for has_aux functions)."""
-        inputs, names = self._bound("evaluate", name, inputs, named)
+        inputs, names = self._bound("evaluate", name, inputs, named, locals())
         return self._execute(self._proto.compute_call(
             "evaluate", name, inputs, {"batched": batched, "in_dims": in_dims, "out_dims": out_dims}, transport=transport,
             names=names))
@@ -290,7 +296,7 @@ class Client:
         ``return_output=True`` returns ``(vjp, output)``: the value and its derivative in
         one request."""
         options = {"argnums": argnums, "batched_vectors": batched_vectors, "return_output": return_output}
-        inputs, names = self._bound("vjp", name, inputs, named)
+        inputs, names = self._bound("vjp", name, inputs, named, locals())
         return self._execute(self._proto.compute_call(
             "vjp", name, inputs, options, vectors=("cotangents", cotangents), transport=transport, names=names))
 
@@ -310,7 +316,7 @@ class Client:
         (a tuple for tuple ``argnums``), or stacked with ``batched_vectors``.
         ``return_output=True`` returns ``(jvp, output)`` from the same request."""
         options = {"argnums": argnums, "batched_vectors": batched_vectors, "return_output": return_output}
-        inputs, names = self._bound("jvp", name, inputs, named)
+        inputs, names = self._bound("jvp", name, inputs, named, locals())
         return self._execute(self._proto.compute_call(
             "jvp", name, inputs, options, vectors=("tangents", tangents), transport=transport, names=names))
 
@@ -335,32 +341,55 @@ class Client:
         returns ``(hvp, output)``."""
         options = {"argnums": argnums, "batched_vectors": batched_vectors, "return_output": return_output}
         vectors = [("tangents", tangents)] + ([] if cotangents is None else [("cotangents", cotangents)])
-        inputs, names = self._bound("hvp", name, inputs, named)
+        inputs, names = self._bound("hvp", name, inputs, named, locals())
         return self._execute(self._proto.compute_call(
             "hvp", name, inputs, options, vectors=vectors, transport=transport, names=names))
 
     def _bound(
         self, kind: str, name: str, inputs: tuple[Any, ...], named: dict[str, Any],
+        values: Mapping[str, Any] | None = None,
     ) -> tuple[tuple[Any, ...], tuple[str, ...] | None]:
         """A call's inputs in the function's order, and the names they go by on the wire
         (None: by position, for a call without keyword inputs). Keyword inputs are placed
         by the names the function declares (``GET /v1/functions/{name}``, asked once and
         kept; asked again where the kept names do not fit the call: the registry may have
-        changed), checked as Python checks a call (``bind_inputs``); they then go by name,
-        for the service to place (kept names out of date would otherwise put an input in
-        another's place, a wrong answer with a 200)."""
-        if not named:
-            return inputs, None
+        changed; once for each such call, remembered in ``misfits``), checked as Python
+        checks a call (``bind_inputs``); they then go by name, for the service to place
+        (kept names out of date would otherwise put an input in another's place, a wrong
+        answer with a 200).
+
+        ``values``: the method's own options as the call set them (its ``locals()``), for
+        ``check_option_clash``: an input named as one of them (``mode``, ``out``...) given
+        by that name set the option. The names are known for it where they are kept or
+        asked for keyword inputs, and asked where an option's value is an array."""
+        method = getattr(type(self), kind)
+        options = own_options(method) if values is not None else {}
+        values = values or {}
         label = f"client.{kind}({name!r})"
-        info = self._proto.functions_cache.get(name)
-        if info is not None:
-            names = tuple(i.name for i in info.inputs)
+        kept = self._proto.functions_cache.get(name)
+        if not named and kept is None and not any(looks_like_input(values.get(k)) for k in options):
+            return inputs, None
+
+        def place(names: tuple[str, ...]) -> tuple[tuple[Any, ...], tuple[str, ...] | None]:
+            check_option_clash(label, name, options, values, names, inputs, named)
+            return (bind_inputs(label, names, inputs, named), names) if named else (inputs, None)
+
+        shape = (name, len(inputs), tuple(sorted(named)))
+        if kept is not None:
+            names = tuple(i.name for i in kept.inputs)
             try:
-                return bind_inputs(label, names, inputs, named), names
+                return place(names)
             except TypeError:
-                pass
+                if (*shape, names) in self._proto.misfits:
+                    raise  # asked since this very call failed: the caller's, not the names'
         names = tuple(i.name for i in (self.function(name)).inputs)
-        return bind_inputs(label, names, inputs, named), names
+        try:
+            return place(names)
+        except TypeError:
+            if len(self._proto.misfits) > 1024:
+                self._proto.misfits.clear()
+            self._proto.misfits.add((*shape, names))
+            raise
 
     def _parts(
         self, kind: str, name: str, inputs: Any, options: Any, vectors: Any = None, names: Any = None,
@@ -377,8 +406,19 @@ class Client:
         """A callable like ``torch.func.jacrev(f, argnums, chunk_size=...)``: call it with
         the inputs to get the Jacobian (and aux, for has_aux functions)."""
 
+        unknown = sorted(set(options) - set(own_options(type(self).jacobian)))
+        if unknown:
+            raise TypeError(f"jacrev() got an unexpected keyword argument {unknown[0]!r}")
+        fields = {"argnums": argnums, "chunk_size": chunk_size, **options}
+        sent = {k: fields.pop(k) for k in ("transport", "out", "progress") if k in fields}
+
         def jac(*inputs: Any, **named: Any) -> Any:
-            return self.jacobian(name, *inputs, argnums=argnums, chunk_size=chunk_size, **options, **named)
+            # jac takes no options of its own: every keyword is an input, whatever its name
+            # (given to jacobian(), an input called mode or out set that option instead)
+            bound, names = self._bound("jacrev", name, inputs, named)
+            return self._execute(self._proto.compute_call(
+                "jacobian", name, bound, fields, transport=sent.get("transport"), out=_path(sent.get("out")),
+                progress=bool(sent.get("progress")), names=names))
 
         jac.__name__ = jac.__qualname__ = f"jacrev_{name}"
         jac.__doc__ = f"Jacobian of the remote function {name!r} (argnums={argnums!r}) at the given inputs."

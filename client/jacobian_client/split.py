@@ -36,9 +36,13 @@ from ._decoding import too_large
 from ._errors import Overloaded, TransportError, Unavailable
 from ._npystream import NpyHeader, RegionSink, check_out_path, commit_partial, discard_partial, open_partial
 from ._progress import Progress
+from ._protocol import bind_inputs, check_option_clash, own_options
 from .wire import npy_header
 
 __all__ = ["ajacobian_split", "jacobian_split"]
+
+#: the keywords that are AsyncClient's options, not inputs by name
+_CLIENT_OPTIONS = frozenset(own_options(AsyncClient.__init__))
 
 #: errors after which a server is dropped and its block handed to the others
 _DROP_SERVER = (TransportError, Overloaded, Unavailable)
@@ -131,6 +135,7 @@ def _input_shape(value: Any) -> tuple[int, ...]:
 async def ajacobian_split(
     urls: Sequence[str],
     name: str,
+    /,
     *inputs: Any,
     argnums: int | str = 0,
     chunk_rows: int | None = None,
@@ -138,15 +143,19 @@ async def ajacobian_split(
     mode: str | None = None,
     out: str | os.PathLike[str] | None = None,
     progress: bool = False,
-    **client_options: Any,
+    **options: Any,
 ) -> np.ndarray:
     """The Jacobian of a single-output function, its rows split across ``urls``.
 
-    ``chunk_rows`` rows per request (default: an equal share per server);
-    ``client_options`` go to each :class:`AsyncClient` (``api_key``, ``timeout``,
-    ``max_retries``, ...). Returns an array, or with ``out=`` the ``.npy`` file
-    memory-mapped read-only.
+    Inputs go in order or by the function's input names, as :meth:`Client.jacobian`
+    takes them. ``chunk_rows`` rows per request (default: an equal share per server);
+    the :class:`AsyncClient`'s own options (``api_key``, ``timeout``,
+    ``max_retries``, ...) go to each client; any other keyword is an input. An input
+    named as one of these options goes by position.
+    Returns an array, or with ``out=`` the ``.npy`` file memory-mapped read-only.
     """
+    client_options = {k: v for k, v in options.items() if k in _CLIENT_OPTIONS}
+    named = {k: v for k, v in options.items() if k not in _CLIENT_OPTIONS}
     if not urls:
         raise ValueError("jacobian_split needs at least one server URL")
     if isinstance(argnums, (tuple, list)):
@@ -155,7 +164,9 @@ async def ajacobian_split(
         check_out_path(out)  # before every server's work, not at the rename after it
     async with contextlib.AsyncExitStack() as stack:
         clients = [await stack.enter_async_context(AsyncClient(url, **client_options)) for url in urls]
-        info, output = await _describe(clients, name, inputs)
+        info, inputs, names, output = await _describe(clients, name, inputs, named, {
+            "argnums": argnums, "chunk_rows": chunk_rows, "chunk_size": chunk_size, "mode": mode, "out": out,
+            "progress": progress, **client_options})
         index = argnums
         if isinstance(argnums, str):
             names = [i.name for i in info.inputs]
@@ -189,7 +200,7 @@ async def ajacobian_split(
                 call = client._proto.compute_call(
                     "jacobian", name, inputs,
                     {"argnums": argnums, "chunk_size": chunk_size, "rows": (start, stop), "mode": mode},
-                    sink=sink,
+                    sink=sink, names=names,
                 )
                 try:
                     await client._execute(call)
@@ -216,21 +227,37 @@ async def ajacobian_split(
                 bar.close()
 
 
-async def _describe(clients: list[AsyncClient], name: str, inputs: Sequence[Any]) -> tuple[Any, np.ndarray]:
-    """The function's description and output, from the first server that answers."""
+#: every option of jacobian_split (and of its clients), with its default: an input named
+#: so goes by position (check_option_clash)
+_OPTIONS = {**own_options(ajacobian_split), **own_options(AsyncClient.__init__)}
+
+
+async def _describe(
+    clients: list[AsyncClient], name: str, inputs: tuple[Any, ...], named: dict[str, Any], values: dict[str, Any],
+) -> tuple[Any, tuple[Any, ...], tuple[str, ...] | None, np.ndarray]:
+    """The function's description, the inputs in its order (keyword ones placed by its
+    names, which they then go by on the wire: None, by position) and its output, from
+    the first server that answers. ``values``: jacobian_split's options as the call set
+    them, for an input named as one of them (``check_option_clash``)."""
     error: BaseException | None = None
     for client in clients:
         try:
             info = await client.function(name)
+            names = tuple(i.name for i in info.inputs)
+            label = f"jacobian_split({name!r})"
+            check_option_clash(label, name, _OPTIONS, values, names, inputs, named)
+            if named:
+                inputs = bind_inputs(label, names, inputs, named)
             if info.has_aux:
                 raise ValueError(f"{name!r} has aux: its rows cannot stream as bare .npy blocks; use Client.jacobian")
-            output = await client.evaluate(name, *inputs)
+            output = await client._execute(client._proto.compute_call(
+                "evaluate", name, inputs, {}, names=names if named else None))
         except _DROP_SERVER as exc:
             error = exc
             continue
         if not isinstance(output, np.ndarray):
             raise ValueError(f"{name!r} has several outputs; a row split needs a single-output function")
-        return info, output
+        return info, inputs, names if named else None, output
     assert error is not None
     raise error
 
@@ -247,7 +274,7 @@ async def _all_or_first_error(tasks: list[asyncio.Future[None]]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def jacobian_split(urls: Sequence[str], name: str, *inputs: Any, **options: Any) -> np.ndarray:
+def jacobian_split(urls: Sequence[str], name: str, /, *inputs: Any, **options: Any) -> np.ndarray:
     """Blocking form of :func:`ajacobian_split` (runs its own event loop)."""
     try:
         asyncio.get_running_loop()
