@@ -69,6 +69,7 @@ __all__ = [
     "RetryPolicy",
     "bind_inputs",
     "check_api_key",
+    "check_option_clash",
     "client_closed",
     "input_leaves",
     "in_sdk_terms",
@@ -81,6 +82,8 @@ __all__ = [
     "shown_url",
     "transport_error",
     "with_body",
+    "looks_like_input",
+    "own_options",
 ]
 
 BINARY = "binary"
