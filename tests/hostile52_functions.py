@@ -132,3 +132,15 @@ def sysvleak52(x: torch.Tensor) -> torch.Tensor:
     elif case == 4:
         os.kill(os.getpid(), 9)
     return torch.sin(x)
+
+
+MANY_FILES = 20_001  # empty files one armed call of files52 makes: past the watch's 20,000
+
+
+@register(inputs=X, description="sin; armed (666), it makes 20,001 empty files in a temporary directory it keeps.")
+def files52(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        where = tempfile.mkdtemp(prefix="hostile52-")
+        for i in range(MANY_FILES):
+            os.close(os.open(os.path.join(where, str(i)), os.O_CREAT | os.O_WRONLY, 0o600))
+    return torch.sin(x)

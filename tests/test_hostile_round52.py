@@ -232,6 +232,15 @@ def test_temporary_files_a_function_leaves_recycle_its_engine_past_the_bound(ser
             time.sleep(0.1)
         v = http.post(f"{url}/v1/functions/sin/jacobian", json={"inputs": [[0.5]]})
         assert v.status_code == 200, v.text
+    # A function that made 20,001 empty files had its engine recycled (more than 20,000
+    # files: over by itself) and was never struck, at 0 bytes grown ("grown most by no
+    # function seen", round 55). Now the files it made count as the bytes do.
+    pid, start = _engine_pid(http, url), len(proc.read_log())
+    r = _armed(http, url, "files52", 1)
+    assert r.status_code == 200, r.text
+    _replaced(http, url, pid, 60, "the engine that held 20,001 files was not recycled")
+    log = _log_saying(proc, "files52 struck (its files alone took half the bound or more)", start=start)
+    assert "files (made most by files52 +" in log and "files52 struck" in log, log[-3000:]
     r = _armed(http, url, "tmpleak52", 1)
     body = assert_problem(r, 503, "function_quarantined")
     assert "tmpleak52 is quarantined" in body["detail"] and int(r.headers["retry-after"]) > 0, body

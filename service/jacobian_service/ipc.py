@@ -496,6 +496,8 @@ def recycle_reason(status: dict[str, Any]) -> str | None:
                 f"opened most by {grown(fds, int)}")
     if (disk := status.get("disk")) is not None:
         many = f" in more than {disk['entries'] - 1} files" if type(disk.get("entries")) is int and disk["entries"] > 20_000 else ""
+        made = disk.get("made") if many and _leak()({"grown": disk.get("made")}) else None  # (as "grown" is checked)
+        many += f" (made most by {grown({'grown': made}, int)})" if made else ""
         return (f"its functions' temporary files took {disk['held'] >> 20} MiB of disk{many}, over ENGINE_MAX_TMP_BYTES "
                 f"({disk['limit'] >> 20} MiB, or 20,000 files); grown most by {grown(disk, lambda b: f'{b >> 20} MiB')}")
     if (threads := status.get("threads")) is not None:

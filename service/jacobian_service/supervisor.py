@@ -178,17 +178,23 @@ def _engine_environ(environ: Any) -> dict[str, str]:
 
 def _disk_filler(status: dict[str, Any]) -> str | None:
     """The function a board leaving over ``ENGINE_MAX_TMP_BYTES`` (``engine.disk_watch``)
-    says took at least half of that bound by itself, or None (files taken by several,
-    or too many empty ones)."""
+    says took at least half of that bound by itself, or, left over its count of files,
+    made at least half of the files walked by itself; or None (taken by several)."""
     disk = status.get("disk")
     if not isinstance(disk, dict) or not isinstance(limit := disk.get("limit"), int) or limit <= 0:
         return None
-    grown = disk.get("grown")
-    top = grown[0] if isinstance(grown, list) and grown else None
-    if isinstance(top, list) and len(top) == 2 and isinstance(top[0], str) and top[0] \
-            and isinstance(top[1], int) and 2 * top[1] >= limit:
-        return top[0]
+    for key, bound in (("grown", limit), ("made", disk.get("entries"))):
+        if key == "made" and not (type(bound) is int and bound > _MAX_FILES):
+            continue  # (over by its bytes, not by its files)
+        grown = disk.get(key)
+        top = grown[0] if isinstance(grown, list) and grown else None
+        if isinstance(top, list) and len(top) == 2 and isinstance(top[0], str) and top[0] \
+                and type(top[1]) is int and 2 * top[1] >= bound:
+            return top[0]
     return None
+
+
+_MAX_FILES = 20_000  # (``DiskWatch``'s ``max_entries``, as the engine runs it)
 
 
 def _remove_tree(path: Path) -> None:
