@@ -112,6 +112,31 @@ def test_a_batch_that_takes_the_room_left_has_the_count_made_at_once(tmp_path) -
     assert watch.check(time.monotonic()) is not None
 
 
+def test_a_file_c_code_holds_open_for_writing_outside_the_directory_counts_what_it_grows_by(tmp_path) -> None:
+    """A file C code opened (``fopen`` through ctypes; a C++ writer, a library's log) is
+    not seen by the audit hook: 8 MiB a write, flushed, it counted 0 (round 55). Held
+    open, it is noted at the next count from the descriptor, and what it grows by counts."""
+    import ctypes
+    import ctypes.util
+
+    (tmp_path / "run" / "own").mkdir(parents=True)  # (the run directory's own files are the service's)
+    watch = DiskWatch(str(tmp_path / "run" / "own"), limit=1 << 40, every_s=0.0)
+    watch.start()
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.fopen.restype, libc.fopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p]
+    libc.fwrite.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_void_p]
+    libc.fflush.argtypes = libc.fclose.argtypes = [ctypes.c_void_p]
+    fp = libc.fopen(str(tmp_path / "c.log").encode(), b"ab")
+    try:
+        held = []
+        for _ in range(3):
+            assert libc.fwrite(b"x" * (4 << 20), 4 << 20, 1, fp) == 1 and libc.fflush(fp) == 0
+            held.append(watch.held()[0])
+        assert held[2] - held[0] >= 8 << 20, held
+    finally:
+        libc.fclose(fp)
+
+
 def test_a_shared_temporary_directory_is_not_watched(tmp_path) -> None:
     """Only a directory of its own: an engine run without ``serve`` (TMPDIR /tmp, shared
     with everyone) watches nothing."""
