@@ -25,9 +25,17 @@ named outright, ``$HOME``, the working directory): not watched, 8 MiB a call in 
 took 96 MiB in 12 calls past a 32 MiB bound, nothing said (round 53). An audit hook
 (``sys.addaudithook``: Python's ``open``, ``os.open``, ``tempfile``, ``numpy.save``; not
 what C code or another process writes) notes each such path as it is opened, with the
-blocks it had then (and follows it through a rename); what each has grown by since counts
+blocks it had then (and follows it through a rename); so does the count, for a named file
+the engine holds open for writing that the hook did not see (C code's: ``fopen`` through
+ctypes, 8 MiB a write counted 0; its descriptor's flags, ``/proc/self/fdinfo``; not the
+run directory's, the service's own). What each has grown by since counts
 with the directory's files (one deleted is forgotten), as many as ``max_entries`` paths (past that, over by
-itself). They are not removed as the engine ends (they are not its own directory's).
+itself). They are not removed as the engine ends: not its own directory's, they may be
+the user's (one appended to, an output meant to stay, a name another process shares).
+What C code writes and closes within one call (``torch.save`` to a path) and what a
+child process writes outside are not seen: free space is every process's.
+Files are charged as bytes are: the entries each batch added, by the same share (a
+function that made 20,000 empty files had its engine recycled, never struck: no bytes grew).
 The bound is ``ENGINE_MAX_TMP_BYTES``, by
 default a quarter of the space free on that file system as the engine starts, at most
 4 GiB. Torch-free; Linux only for the unlinked files (elsewhere: the directory alone).
