@@ -137,6 +137,6 @@ def test_a_page_that_aborts_a_json_stream_frees_its_room_at_once(api, page, brow
     status, media, chunk, start = browser.eval(_READ_SOME % (json.dumps(api + SOFTMAX), N))
     assert (status, media) == (200, "application/json") and start.startswith('{"'), (status, media, start)
     assert chunk == str(N)  # (one chunk: its room, the result's size where known, holds it whole)
-    assert _metric(api, "jacobian_service_stream_bytes_held") == N * N * 4  # (its two chunks: the whole result, once)
+    assert _metric(api, "jacobian_service_stream_bytes_held", headers=KEY) == N * N * 4  # (its two chunks: the whole result, once)
     assert browser.eval(_ABORT) == "AbortError"
-    assert _wait_for(lambda: _metric(api, "jacobian_service_stream_bytes_held") == 0, 5)
+    assert _wait_for(lambda: _metric(api, "jacobian_service_stream_bytes_held", headers=KEY) == 0, 5)

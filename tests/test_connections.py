@@ -76,8 +76,9 @@ def _problem(raw: bytes) -> tuple[int, dict[str, str], dict]:
     return status, headers, json.loads(body) if body else {}
 
 
-def _metric(url: str, name: str, labels: str = "") -> float:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+def _metric(url: str, name: str, labels: str = "", headers: dict[str, str] | None = None) -> float:
+    """A metric as /metrics says it (``headers``: a key, where API keys hold /metrics too)."""
+    text = httpx.get(f"{url}/metrics", headers=headers, timeout=10).raise_for_status().text
     pattern = re.escape(name) + (r"\{" + re.escape(labels) + r"\}" if labels else "") + r" ([0-9.e+-]+)"
     found = re.search(r"^" + pattern + "$", text, re.M)
     return float(found.group(1)) if found else 0.0

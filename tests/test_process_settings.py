@@ -212,13 +212,6 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process(en
         assert r.status_code == 200, r.text
         r = client.post("/v1/functions/linear_module/jacobian", json={"inputs": [[0.5, 1.0]]})
         np.testing.assert_allclose(r.json()["jacobian"]["data"], np.eye(2))
-        # A thread one function left waiting changed a setting in the middle of another
-        # function's batch: put back after it, and the log names both.
-        r = client.post("/v1/functions/leaves_a_waiting_thread/jacobian", json=ARMED)
-        assert r.status_code == 200, r.text
-        r = client.post("/v1/functions/releases_the_waiting_thread/jacobian", json=ARMED)
-        assert r.status_code == 200, r.text
-        assert _output_dtype(client.post) == "float32"
         # a tensor without values is the function's error, not the service's
         r = client.post("/v1/functions/returns_meta/evaluate", json=X)
         assert r.status_code == 500 and r.json()["code"] == "function_error", r.text
@@ -238,14 +231,11 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process(en
                *([("raises_the_core_limit", "resource limits")]
                  if resource.getrlimit(resource.RLIMIT_CORE)[1] != 0 else [])]
     log = _log_saying(proc, "sets_float64_default changed torch's default dtype",
-                      "releases_the_waiting_thread (or a thread left running by leaves_a_waiting_thread) "
-                      "changed torch's default dtype", "sets_warnings_to_errors changed the warning filters",
+                      "sets_warnings_to_errors changed the warning filters",
                       "changes_path_and_time_zone changed the time zone (TZ, time.tzset)",
                       *(f"{function} changed {setting}" for function, setting in changed))
     assert "died" not in log and "Traceback" not in log, log[-3000:]
     assert "sets_float64_default changed torch's default dtype" in log
-    assert ("releases_the_waiting_thread (or a thread left running by leaves_a_waiting_thread) changed torch's "
-            "default dtype") in log
     # (frozen objects freed by reference counting, as some are by any request, are no unfreeze)
     assert log.count("changed the garbage collector's frozen objects") == 1, log[-3000:]
     assert "sets_warnings_to_errors changed the warning filters" in log
@@ -255,6 +245,32 @@ def test_what_one_function_changes_does_not_reach_others_in_an_engine_process(en
     assert "/nonexistent" not in log  # names, never values: a value may be a secret
     for function, setting in changed:
         assert f"{function} changed {setting}" in log, (function, setting)
+    # Last (the engine restarts): a thread one function left waiting changed a setting in
+    # the middle of another function's batch (torch's default dtype, which rebinds
+    # torch.Storage: the engine's put-back rebinds it again). Which of the two made the
+    # change cannot be told, and the batch ran under it: a retryable 503, and the engine
+    # restarts, taking the thread with it (round 53; before, a 200 and the setting put back
+    # after the batch). The retry is answered as in-process.
+    with httpx.Client(base_url=url, timeout=30) as client:
+        r = client.post("/v1/functions/leaves_a_waiting_thread/jacobian", json=ARMED)
+        assert r.status_code == 200, r.text
+        r = client.post("/v1/functions/releases_the_waiting_thread/jacobian", json=ARMED)
+        assert_problem(r, 503, "unavailable")
+        assert r.headers["retry-after"] == "1" and "while a thread another function left ran" in r.json()["detail"]
+        deadline = time.monotonic() + 120
+        while (r := client.post("/v1/functions/releases_the_waiting_thread/jacobian", json=X)).status_code == 503:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.1)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["jacobian"]["data"], np.diag(np.cos(X["inputs"][0])), rtol=1e-6)
+        assert _output_dtype(client.post) == "float32"
+    # the log names both, and the restart (the next test's engine is the one started here)
+    restarted = ("the engine restarts: a thread or process left by one of leaves_a_waiting_thread names in torch "
+                 "rebound and put back during a batch of releases_the_waiting_thread")
+    log = _log_saying(proc, "releases_the_waiting_thread (or a thread left running by leaves_a_waiting_thread) "
+                            "changed torch's default dtype", restarted, "engine 0 died")
+    assert restarted in log and "exited with status 75" in log, log[-3000:]
+    proc.settled_at = len(log)  # type: ignore[attr-defined]  (where the next test's log begins)
 
 
 def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_engine_process(engine_server):
@@ -304,7 +320,7 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
     proc.wait(timeout=30)
     assert time.monotonic() - stopped < 10  # the engine took its SIGTERM
     log = proc.read_log()
-    assert "died" not in log, log[-3000:]
+    assert "died" not in log[getattr(proc, "settled_at", 0):], log[-3000:]  # (the last test's restart before)
     for function, setting in (
         ("limits_cpu_time", "resource limits"),
         ("sets_a_profile_function", "the profile function"),
