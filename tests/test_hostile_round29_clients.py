@@ -95,12 +95,15 @@ class _Held:
         clients28_functions.gate(self.number).unlink()
 
 
+RUNS = 8  # a request's time: so many measured runs, and the queue's fill
+
+
 def test_a_batch_never_runs_past_its_requests_deadlines(server: str) -> None:
     """A batch was bounded by MAX_BATCH_SIZE and the memory budget alone: 40 softmax
     Hessians one client sent at once (1.3 s each) ran as one batch of 39, past their
     60 s deadline: every one a 504 after a minute of the engine. Now a batch holds no
     more requests than the last batch's time per request fits in half the time left to
-    its earliest deadline: here requests each given six times one's cost and the queue's
+    its earliest deadline: here requests each given eight times one's cost and the queue's
     fill (as many as one and a half times that holds) are answered, two batched at least, never all
     504.
 
@@ -108,12 +111,13 @@ def test_a_batch_never_runs_past_its_requests_deadlines(server: str) -> None:
     the first queued job alone as the holder returns (one run), and a batch of two fits
     only with four runs left (half the time left, ``_DEADLINE_SHARE``); under a loaded
     machine (one run ~1 s) the fill took 2-3 s of a 2 s allowance and every request ran
-    alone (``0 >= 2``). A fill that leaves less than six runs is tried again with more
-    room (the load's doing, not the service's); the first try with time enough is asserted."""
+    alone (``0 >= 2``). A fill that leaves less than eight runs, or a first run alone that
+    took 1.5 times the measured one, is tried again (the load's doing, not the service's);
+    the first try with time enough is asserted."""
     room = 2.0  # (the queue's fill, s)
     for _ in range(3):
         each = _each_s(server)  # (again each try: the scheduler's own estimate is its key's last run)
-        timeout_s = 6 * each + room
+        timeout_s = RUNS * each + room
         count = min(MAX_QUEUE - 2, int(1.5 * timeout_s / each) + 2)
         if (count - 1) * each <= 1.25 * timeout_s:  # one batch of all could be in time: nothing to show here
             pytest.skip(f"this machine computes a slow_chain Jacobian in {each:.3f} s: too fast for the queue's room")
@@ -121,11 +125,20 @@ def test_a_batch_never_runs_past_its_requests_deadlines(server: str) -> None:
             sent = time.monotonic()
             held.add("slow", *SLOW, HOSTILE, timeout_s=timeout_s, count=count)
             filled_s = time.monotonic() - sent
-        if timeout_s - filled_s >= 6 * each:
+        if timeout_s - filled_s < RUNS * each:
+            room = 1.5 * filled_s + 0.5  # (a loaded machine filled the queue slowly: not the service's doing)
+            continue
+        # The first queued job runs alone (the scheduler's measure for the next batch):
+        # one that took half as long again as the measured run (the machine slowed under
+        # the test: four workers on two cores, the CI's) leaves a batch of two no room in
+        # half the time left, and the sizes above no longer hold: tried again, as a slow fill.
+        alone = [r.json()["meta"]["compute_ms"] / 1e3 for r in held.answers["slow"]
+                 if r.status_code == 200 and r.json()["meta"]["batch_size"] == 1]
+        if all(s <= 1.5 * each for s in alone):
             break
-        room = 1.5 * filled_s + 0.5  # (a loaded machine filled the queue slowly: not the service's doing)
     else:
-        pytest.skip(f"the queue took {filled_s:.1f} s to fill ({each:.3f} s a run): no time left to test, three times")
+        pytest.skip(f"the machine's speed moved under the test three times ({each:.3f} s a run, the queue's fill "
+                    f"{filled_s:.1f} s): no fair time left to test")
     slow = held.answers["slow"]
     batched = [r for r in slow if r.status_code == 200 and r.json()["meta"]["batch_size"] > 1]
     assert len(batched) >= 2, [r.text[:200] for r in slow]  # (one batch of all: each a 504)
