@@ -430,3 +430,57 @@ def test_sparsity_and_jacobian_split_take_inputs_by_name(cc: Counted, app: Any, 
     with pytest.raises(TypeError, match=r"jacobian_split\('add_square'\) is missing input 'y'"):
         jacobian_split(urls, "add_square", x=X, **options)
     assert _files(tmp_path) == ["J.npy"]
+
+
+# --------------------------------------------------------------------------- round 29
+
+
+_AS_ARGUMENTS = r"inputs go as the call's own arguments, in order or by name \(x=\.\.\., y=\.\.\.\)"
+
+
+def test_inputs_given_as_the_http_bodys_inputs_are_told_how_to_go(app: Any) -> None:
+    """A caller who knows the HTTP body (``{"inputs": {"x": ..., "y": ...}}``) wrote
+    ``client.evaluate("add_square", {"x": X, "y": Y})`` and read the wire's words: "missing
+    input 'y'" (npz), "'inputs' holds one entry per input" (JSON), and for ``sin`` "send
+    it as the member '0', not ['0/x']"; or ``inputs={...}`` and read only that no input is
+    so named. Both now say that inputs go as the call's arguments (the 422's members
+    kept); a pytree input's dict, and its own refusal, are as before, with no request
+    more."""
+    torch = pytest.importorskip("torch")
+    from jacobian_client.torch import remote
+
+    with sdk_over(app) as c, counting(c) as cc:
+        for transport in ("binary", "json"):
+            with pytest.raises(jc.InvalidInput, match=r"input 'x' was given a dict keyed by add_square's input names "
+                                                      r"\(x, y\): " + _AS_ARGUMENTS) as info:
+                c.evaluate("add_square", {"x": X, "y": Y}, transport=transport)
+            assert (info.value.status, info.value.problem["missing"]) == (422, ["y"])
+        assert cc.take() == ["evaluate", "add_square", "evaluate"]  # the names asked once, on the refusal
+        with pytest.raises(jc.InvalidInput, match=r"input 'x' was given a dict keyed by sin's input names \(x\)"):
+            c.jacobian("sin", {"x": X})
+        with pytest.raises(jc.InvalidInput, match=r"dict keyed by add_square's input names \(x, y\): " + _AS_ARGUMENTS):
+            remote(c, "add_square")({"x": torch.tensor(X), "y": torch.tensor(Y)})
+        cc.take()
+        p = {"w": np.ones((2, 5)), "b": np.zeros(2)}
+        np.testing.assert_allclose(c.evaluate("dense_layer", p, X), np.tanh(np.ones((2, 5)) @ X))
+        with pytest.raises(jc.InvalidInput, match=r"input 'params' is a tree of 2 arrays.*missing \['0/b'\]"):
+            c.evaluate("dense_layer", {"w": p["w"]}, X)
+        assert cc.take() == ["evaluate", "evaluate", "dense_layer"]
+        for call in (lambda: c.evaluate("add_square", inputs={"x": X, "y": Y}),
+                     lambda: c.jacobian("add_square", inputs=[X, Y]),
+                     lambda: c.jacrev("add_square")(inputs={"x": X, "y": Y}),
+                     lambda: remote(c, "add_square")(inputs={"x": torch.tensor(X), "y": torch.tensor(Y)})):
+            with pytest.raises(TypeError, match=r"unexpected keyword argument 'inputs'; its inputs are x, y: " + _AS_ARGUMENTS):
+                call()
+        with pytest.raises(TypeError, match="unexpected keyword argument 'z'; its inputs are x, y$"):
+            c.evaluate("add_square", X, z=Y)
+
+    async def main() -> None:
+        async with jc.AsyncClient("http://sdk.test", http_transport=httpx.MockTransport(_forward(app)),
+                                  max_retries=0) as ac:
+            with pytest.raises(jc.InvalidInput, match=r"dict keyed by add_square's input names \(x, y\): " + _AS_ARGUMENTS):
+                await ac.evaluate("add_square", {"x": X, "y": Y})
+            with pytest.raises(TypeError, match=r"unexpected keyword argument 'inputs'; its inputs are x, y: " + _AS_ARGUMENTS):
+                await ac.vjp("add_square", inputs={"x": X, "y": Y}, cotangents=X)
+
+    asyncio.run(main())

@@ -73,6 +73,7 @@ __all__ = [
     "client_closed",
     "input_leaves",
     "in_sdk_terms",
+    "inputs_in_one_dict",
     "input_tree",
     "is_input_node",
     "not_an_answer",
@@ -507,6 +508,7 @@ class Call:
     expect: Expected | None = None  # what the result's value must look like, from the inputs sent
     follow: Any = None  # the differentiated inputs' structure as the caller gave it (_caller_structure)
     wrap: int = 0  # tuples put back around a streamed array: argnums=(i,) asked as i for out= (_one_array_for_out)
+    maps: tuple[tuple[int, tuple[str, ...]], ...] = ()  # positional dict inputs' keys (inputs_in_one_dict)
 
     @property
     def accept(self) -> str:
@@ -752,7 +754,47 @@ def in_sdk_terms(call: Call, exc: InvalidInput) -> InvalidInput | None:
     return type(exc)(exc.response, problem)
 
 
+def inputs_in_one_dict(call: Call, exc: InvalidInput, info: FunctionInfo | None) -> InvalidInput | None:
+    """A 422 for a dict given by position whose keys are the function's own input names
+    (``client.evaluate("f", {"x": x, "w": w})``: the HTTP body's ``inputs`` object), said
+    to its caller (None: the server's words stand). The SDK sends such a dict as a
+    pytree input, as it must for a function that takes one, and the server's refusal
+    spoke of the wire ("missing input 'w'", "send it as the member '0', not ['0/x']",
+    "unknown array keys ['x']"). ``info``: the function's description (its input names,
+    and which inputs are pytrees, whose dicts are not this), where the SDK has it; else
+    the names the 422 lists."""
+    if not call.maps:
+        return None
+    listed = exc.problem.get("inputs")
+    if info is not None:
+        names = [i.name for i in info.inputs]
+        trees = {n for n, i in zip(names, info.inputs) if i.tree is not None}
+    elif isinstance(listed, list) and all(isinstance(n, str) for n in listed):
+        names, trees = list(listed), set()
+    else:
+        return None
+    for i, keys in call.maps:
+        if i < len(names) and names[i] not in trees and set(keys) <= set(names):
+            problem = dict(exc.problem)
+            problem["detail"] = (
+                f"input {names[i]!r} was given a dict keyed by {call.name}'s input names ({', '.join(keys)}){_as_arguments(names)}"
+                f" (the service said: {exc.problem.get('detail')})")
+            return type(exc)(exc.response, problem)
+    return None
+
+
 _UNBOUND = object()  # an input not given (bind_inputs)
+
+# The HTTP body carries inputs as one "inputs" list or object; a caller who knows it wrote
+# inputs={"x": x, "w": w} (or inputs=[x, w]) and read only that no input is so named. The
+# SDK's calls take inputs as the local function does (torch.func's way): as arguments.
+_BODY_KEYS = ("inputs", "input")
+
+
+def _as_arguments(names: Sequence[str]) -> str:
+    shown = ", ".join(f"{n}=..." for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    return (f": inputs go as the call's own arguments, in order or by name ({shown}), as the function is "
+            "called in-process (a dict of them as **inputs), not in one list or dict as the HTTP body's 'inputs'")
 
 
 def own_options(method: Any) -> dict[str, Any]:
@@ -815,7 +857,8 @@ def bind_inputs(label: str, names: Sequence[str], inputs: Sequence[Any], named: 
     bound: list[Any] = [*inputs, *[_UNBOUND] * (len(names) - len(inputs))]
     for key, value in named.items():
         if key not in names:
-            raise TypeError(f"{label} got an unexpected keyword argument {key!r}; its inputs are {listed}")
+            raise TypeError(f"{label} got an unexpected keyword argument {key!r}; its inputs are {listed}"
+                            + (_as_arguments(names) if key in _BODY_KEYS and not label.endswith("'s args") else ""))
         i = list(names).index(key)
         if bound[i] is not _UNBOUND:
             raise TypeError(f"{label} got multiple values for input {key!r} (by position and by name)")
@@ -1160,6 +1203,9 @@ class Protocol:
             content_type = wire.JSON
 
         call.expect = _expected(kind, fields, values)
+        if names is None:  # a dict given by position: a pytree input, or every input in one (inputs_in_one_dict)
+            call.maps = tuple((i, tuple(v)) for i, v in enumerate(inputs)
+                              if isinstance(v, Mapping) and v and all(isinstance(k, str) for k in v))
         # (named inputs follow the caller too where they come in the function's order,
         # ``names`` all of its inputs: a client method's keyword call; an adapter's
         # parts are its own to nest)

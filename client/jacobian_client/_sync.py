@@ -20,12 +20,14 @@ import httpx
 
 from ._base import DEFAULT_TIMEOUT, ClientConfig, PerProcess, reduce_client
 from ._decoding import decoded
-from ._errors import IncompleteResponse, InvalidInput, NotAcceptable, TransportError, error_from_response
+from ._errors import (
+    IncompleteResponse, InvalidInput, JacobianServiceError, NotAcceptable, TransportError, error_from_response,
+)
 from ._headwait import body_deadline, bound_head_reads, head_deadline
 from ._models import FunctionInfo
 from ._protocol import (
     BINARY, DEFAULT_MAX_RESPONSE_BYTES, MAX_ERROR_BODY, Call, Deadline, RetryPolicy, bind_inputs,
-    check_option_clash, client_closed, in_sdk_terms, looks_like_input, not_an_answer, out_refused, own_options,
+    check_option_clash, client_closed, in_sdk_terms, inputs_in_one_dict, looks_like_input, not_an_answer, out_refused, own_options,
     shapes_of, shown_url, transport_error, with_body,
 )
 
@@ -437,10 +439,21 @@ class Client:
             self._proto.learn_npy_refused(call)
             return self._execute_once(call.fallback)
         except InvalidInput as exc:
-            said = in_sdk_terms(call, exc)
+            said = in_sdk_terms(call, exc) or (self._in_one_dict(call, exc) if call.maps else None)
             if said is None:
                 raise
             raise said from None
+
+    def _in_one_dict(self, call: Call, exc: InvalidInput) -> InvalidInput | None:
+        """``inputs_in_one_dict``, with the function's description kept or asked (once,
+        only for a refused call that gave a dict by position)."""
+        info = self._proto.functions_cache.get(call.name) if call.name is not None else None
+        if info is None and call.name is not None:
+            try:
+                info = self.function(call.name)
+            except JacobianServiceError:
+                pass
+        return inputs_in_one_dict(call, exc, info)
 
     def _execute_once(self, call: Call) -> Any:
         response, deadline = self._send(call)
