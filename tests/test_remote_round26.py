@@ -455,12 +455,17 @@ def test_inputs_given_as_the_http_bodys_inputs_are_told_how_to_go(app: Any) -> N
                                                       r"\(x, y\): " + _AS_ARGUMENTS) as info:
                 c.evaluate("add_square", {"x": X, "y": Y}, transport=transport)
             assert (info.value.status, info.value.problem["missing"]) == (422, ["y"])
-        assert cc.take() == ["evaluate", "add_square", "evaluate"]  # the names asked once, on the refusal
+        assert cc.take() == ["evaluate", "evaluate"]  # the names from the 422 (members)
         with pytest.raises(jc.InvalidInput, match=r"input 'x' was given a dict keyed by sin's input names \(x\)"):
-            c.jacobian("sin", {"x": X})
+            c.jacobian("sin", {"x": X})  # a 422 without the names: asked, once
+        assert cc.take() == ["jacobian", "sin"]
         with pytest.raises(jc.InvalidInput, match=r"dict keyed by add_square's input names \(x, y\): " + _AS_ARGUMENTS):
             remote(c, "add_square")({"x": torch.tensor(X), "y": torch.tensor(Y)})
         cc.take()
+        # an adapter's refused request asks nothing more: a pytree parameter's dict is its everyday input
+        with pytest.raises(jc.InvalidInput, match=r"input 'params' is a tree of 2 arrays"):
+            remote(c, "dense_layer")({"w": torch.ones(2, 5)}, torch.tensor(X))
+        assert cc.take() == ["evaluate"]
         p = {"w": np.ones((2, 5)), "b": np.zeros(2)}
         np.testing.assert_allclose(c.evaluate("dense_layer", p, X), np.tanh(np.ones((2, 5)) @ X))
         with pytest.raises(jc.InvalidInput, match=r"input 'params' is a tree of 2 arrays.*missing \['0/b'\]"):

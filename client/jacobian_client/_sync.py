@@ -445,10 +445,12 @@ class Client:
             raise said from None
 
     def _in_one_dict(self, call: Call, exc: InvalidInput) -> InvalidInput | None:
-        """``inputs_in_one_dict``, with the function's description kept or asked (once,
-        only for a refused call that gave a dict by position)."""
+        """``inputs_in_one_dict``, with the function's description kept, or asked (once)
+        where the 422 lists no input names, for a method's own call only: an adapter's
+        refused request costs no request more (a pytree parameter's dict is the adapters'
+        everyday input)."""
         info = self._proto.functions_cache.get(call.name) if call.name is not None else None
-        if info is None and call.name is not None:
+        if info is None and call.name is not None and not call.parts and not isinstance(exc.problem.get("inputs"), list):
             try:
                 info = self.function(call.name)
             except JacobianServiceError:
