@@ -444,8 +444,9 @@ def test_inputs_given_as_the_http_bodys_inputs_are_told_how_to_go(app: Any) -> N
     input 'y'" (npz), "'inputs' holds one entry per input" (JSON), and for ``sin`` "send
     it as the member '0', not ['0/x']"; or ``inputs={...}`` and read only that no input is
     so named. Both now say that inputs go as the call's arguments (the 422's members
-    kept); a pytree input's dict, and its own refusal, are as before, with no request
-    more."""
+    kept); a pytree input's dict, and its own refusal, are as before. The names come from
+    the 422's members, else are asked once, by a method's own call only: an adapter's
+    refused request asks nothing more (round 14)."""
     torch = pytest.importorskip("torch")
     from jacobian_client.torch import remote
 
