@@ -13,6 +13,11 @@ encoding, metrics, the access line). uvicorn, the event loop's I/O and the chann
 Only the measured loop is counted (``--toggle-collect`` on ``sys.call_tracing``): start-up,
 which varies by more than a request costs, is left out. Counts of one tree repeat to within
 ~0.5 %.
+
+``--timed ROUNDS`` runs the same loop natively instead (no valgrind), the trees interleaved
+round by round, and splits each request's time at its job: from the request to the job
+encoded for the engine ("in"), and from the engine's reply to the answer's last body handed
+to the server ("out": what a lone request waits for after its compute), medians in us.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import asyncio
 import io
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,9 +54,11 @@ def _registry(run_dir: Path) -> None:
     (run_dir / "registry.json").write_bytes(orjson.dumps(doc))
 
 
-def _drive(run_dir: Path, requests: int, fmt: str = "npy") -> None:
-    """The measured process: the app, a faked engine, ``requests`` requests."""
+def _drive(run_dir: Path, requests: int, fmt: str = "npy", timed: bool = False) -> None:
+    """The measured process: the app, a faked engine, ``requests`` requests (``timed``:
+    natively, not counted; prints the medians of each request's two halves)."""
     import gc
+    import time
 
     from jacobian_service import ipc
     from jacobian_service.app import create_app
@@ -72,9 +80,16 @@ def _drive(run_dir: Path, requests: int, fmt: str = "npy") -> None:
     reply = [bytes(f) for f in ipc.encode_reply(1, Result(value=jac, chunk_size=64, mode="rev"),
                                                 JobInfo(device="cpu", batch_size=1, queue_s=1e-4, compute_s=2e-4))]
 
+    stamps: dict[str, float] = {}
+    halves: list[tuple[float, float]] = []
+
     async def run(kind, call, **_):
         ipc.encode_call(1, kind, call)
+        if timed:
+            stamps["job"] = time.perf_counter()
         await asyncio.sleep(0)
+        if timed:
+            stamps["reply"] = time.perf_counter()
         return ipc.decode_reply(*ipc.parse(reply))
 
     app.service_state.engines.run = run
@@ -92,10 +107,15 @@ def _drive(run_dir: Path, requests: int, fmt: str = "npy") -> None:
 
         async def send(message):
             sent.append(message)
+            if timed and message["type"] == "http.response.body" and not message.get("more_body", False):
+                stamps["answered"] = time.perf_counter()
 
+        started = time.perf_counter() if timed else 0.0
         await app(scope, receive, send)
         if sent[0]["status"] != 200:
             raise RuntimeError(f"answered {sent}")
+        if timed:
+            halves.append((stamps["job"] - started, stamps["answered"] - stamps["reply"]))
 
     async def loop(n: int) -> None:
         for _ in range(n):
@@ -112,6 +132,13 @@ def _drive(run_dir: Path, requests: int, fmt: str = "npy") -> None:
     gc.collect()
     gc.freeze()
     asyncio.run(loop(50))  # warm: caches, templates, learnt places
+    if timed:
+        asyncio.run(loop(250))
+        halves.clear()
+        asyncio.run(loop(requests))
+        ins, outs = (sorted(h[i] for h in halves)[len(halves) // 2] * 1e6 for i in (0, 1))
+        print(f"timed_us in {ins:.1f} out {outs:.1f}", flush=True)
+        return
     sys.call_tracing(asyncio.run, (loop(requests),))
 
 
@@ -120,19 +147,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("trees", type=Path, nargs="+")
     p.add_argument("--requests", type=int, default=300)
     p.add_argument("--format", choices=sorted(MEDIA), default="npy", help="the request's and the answer's (default npy)")
+    p.add_argument("--timed", type=int, default=0, metavar="ROUNDS",
+                   help="natively, ROUNDS interleaved: the request's time split at its job (medians, us)")
     p.add_argument("--drive", type=Path, help=argparse.SUPPRESS)  # (the measured process)
     args = p.parse_args(argv)
     if args.drive is not None:
-        _drive(args.drive, args.requests, args.format)
+        _drive(args.drive, args.requests, args.format, timed=args.timed > 0)
         return 0
     tmp = Path(tempfile.mkdtemp(prefix="jacobian-fe-callgrind-"))
     _registry(tmp)
-    for tree in args.trees:
-        tree = tree.resolve()
+
+    def command_env(tree: Path) -> tuple[list[str], dict[str, str]]:
         env = dict(os.environ, PYTHONHASHSEED="0", PYTHONPATH=os.pathsep.join(str(tree / d) for d in ("service", "client", ".")),
                    PROMETHEUS_MULTIPROC_DIR=str(Path(tempfile.mkdtemp(dir=tmp))))
         # (this file run as a script: the measured tree's own bench may not have it)
-        command = [sys.executable, str(Path(__file__).resolve()), str(tree), "--drive", str(tmp), "--format", args.format]
+        return [sys.executable, str(Path(__file__).resolve()), str(tree), "--drive", str(tmp), "--format", args.format], env
+
+    if args.timed:
+        trees = [tree.resolve() for tree in args.trees]
+        split: dict[Path, list[tuple[float, float]]] = {tree: [] for tree in trees}
+        for r in range(args.timed):
+            for tree in trees if r % 2 == 0 else trees[::-1]:
+                command, env = command_env(tree)
+                out = subprocess.run([*command, "--requests", str(args.requests), "--timed", "1"], env=env, cwd=tree,
+                                     capture_output=True, text=True, check=True).stdout
+                words = out.split("timed_us", 1)[1].split()
+                split[tree].append((float(words[1]), float(words[3])))
+        for tree in trees:
+            ins, outs = (statistics.median(s[i] for s in split[tree]) for i in (0, 1))
+            print(f"{tree}: request -> job {ins:.1f} us, reply -> answer {outs:.1f} us ({args.format}, "
+                  f"medians of {args.timed} runs of {args.requests})", flush=True)
+        return 0
+    for tree in args.trees:
+        tree = tree.resolve()
+        command, env = command_env(tree)
         subprocess.run([*command, "--requests", "1"], env=env, cwd=tree, check=True, capture_output=True)  # .pyc written
         env["PROMETHEUS_MULTIPROC_DIR"] = str(Path(tempfile.mkdtemp(dir=tmp)))
         out = subprocess.run(["valgrind", "--tool=callgrind", "--collect-atstart=no",
