@@ -68,9 +68,10 @@ _READ_SLOWLY = {
 }
 
 
-def _read_at(url: str, request: bytes, bytes_per_s: float, within_s: float) -> tuple[int, bool]:
-    """Send ``request`` and read its answer at ``bytes_per_s``: the bytes read, and whether
-    the server cut the connection (EOF or reset) within ``within_s``."""
+def _read_at(url: str, request: bytes, bytes_per_s: float, within_s: float) -> tuple[int, bool, float]:
+    """Send ``request`` and read its answer at ``bytes_per_s``: the bytes read, whether
+    the server cut the connection (EOF or reset) within ``within_s``, and the seconds this
+    reader held back to keep its pace (what the server's sends could have waited on it)."""
     host, port = url.removeprefix("http://").split(":")
     s = socket.socket()
     # A small segment size makes the server's kernel queue ~200 KB for this connection,
@@ -79,7 +80,7 @@ def _read_at(url: str, request: bytes, bytes_per_s: float, within_s: float) -> t
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1024)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
     s.connect((host, int(port)))
-    got = 0
+    got, paced = 0, 0.0
     try:
         s.sendall(request)
         start = time.monotonic()
@@ -87,14 +88,15 @@ def _read_at(url: str, request: bytes, bytes_per_s: float, within_s: float) -> t
         while time.monotonic() - start < within_s:
             piece = s.recv(16384)
             if not piece:
-                return got, True
+                return got, True, paced
             got += len(piece)
             ahead = got / bytes_per_s - (time.monotonic() - start)
             if ahead > 0:
                 time.sleep(ahead)  # the pace itself: what this client is
-        return got, False
+                paced += ahead
+        return got, False, paced
     except ConnectionResetError:
-        return got, True
+        return got, True, paced
     finally:
         s.close()
 
@@ -114,8 +116,16 @@ def test_a_reader_under_the_minimum_rate_is_cut_off_whatever_the_format(url: str
     request, rate = _READ_SLOWLY[case]
     with caplog.at_level(logging.INFO, logger="jacobian_service"):
         # (20 s: only a deadline for a loaded machine; the cut comes after 2 s of waits)
-        got, cut = _read_at(url, request, rate, 20.0)
+        got, cut, paced_s = _read_at(url, request, rate, 20.0)
     assert cut, f"read {got} bytes at {rate:g} B/s for 20 s, never cut"
+    if got >= _X.nbytes * _X.size and paced_s < 2 * SEND_TIMEOUT_S:
+        # The whole answer came, and this reader held back less than the waits the rule
+        # allows: the server made the answer no faster than the pace (the full suite at a
+        # load of 19 on two cores), so there was no slow reader to cut. With the rule gone,
+        # a quiet machine's reader holds back most of its ~10 s read (the engine makes some
+        # 9 MB/s), and the assertion below fails.
+        pytest.skip(f"the server sent no faster than {rate:g} B/s (the reader held back {paced_s:.1f} s in all): "
+                    "a loaded machine")
     assert got < _X.nbytes * _X.size, got  # (well before the end)
     assert any("under the minimum of" in r.getMessage() and "MIN_SEND_RATE_BYTES_PER_S" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
