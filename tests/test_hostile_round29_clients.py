@@ -156,16 +156,36 @@ def test_while_another_client_waits_a_batch_is_a_time_slice(server: str) -> None
     most, but that batch was every queued request of its key: the honest client's second
     request waited behind 12 slow Jacobians (and with 40 softmax Hessians, a minute: a
     504). Now while another client's jobs wait, a batch holds what its measured time per
-    request fits in a second: the honest client's requests, each given 3 s, are answered."""
-    each = _each_s(server)
-    count = min(MAX_QUEUE - 3, int(4.5 / each) + 1)  # (all at once: 4.5 s or the queue's room)
-    with _Held(server) as held:
-        held.add("slow", *SLOW, HOSTILE, count=count)
-        held.add("honest", *SIN, HONEST, timeout_s=3.0, count=2)
+    request fits in a second: no batch of the slow client's holds more than the second
+    fits at its fastest time per request (with no slice: one batch of 15, 4.3 s), and the
+    honest client's requests, each given 3 s, are answered.
+
+    An honest 504 where the slice held and a slow batch took over 1.5 s (the slice is 1 s:
+    the machine slowed under the test, the full suite here at a load of 19) is tried
+    again, then skipped."""
+    slice_ms = _SHARED_BATCH_S * 1e3
+    for _ in range(3):
+        each = _each_s(server)
+        count = min(MAX_QUEUE - 3, int(4.5 / each) + 1)  # (all at once: 4.5 s or the queue's room)
+        with _Held(server) as held:
+            held.add("slow", *SLOW, HOSTILE, count=count)
+            held.add("honest", *SIN, HONEST, timeout_s=3.0, count=2)
+        assert [r.status_code for r in held.answers["slow"]] == [200] * count
+        sizes = [r.json()["meta"]["batch_size"] for r in held.answers["slow"]]
+        runs_ms = [r.json()["meta"]["compute_ms"] for r in held.answers["slow"]]
+        # (slow_chain's batches cost in proportion to their size: a batch of 2 took 2.6
+        # runs alone; 1.5: the margin between the scheduler's measure and compute_ms)
+        sliced = max(sizes) * min(ms / n for n, ms in zip(sizes, runs_ms)) <= 1.5 * slice_ms
+        late = any(r.status_code == 504 for r in held.answers["honest"])
+        if not (late and sliced and max(runs_ms) > 1.5 * slice_ms):
+            break
+    else:
+        pytest.skip(f"the machine slowed under the test three times (slow batches of {max(runs_ms):.0f} ms, the slice "
+                    f"{slice_ms:.0f} ms): no fair time left to test")
+    assert sliced, (sizes, runs_ms)
     for r in held.answers["honest"]:
-        assert r.status_code == 200, r.text[:300]
+        assert r.status_code == 200, (r.text[:300], sizes, runs_ms)
         np.testing.assert_allclose(np.array(r.json()["jacobian"]["data"]), np.diag(np.cos([0.5, 1.0])), rtol=1e-6)
-    assert [r.status_code for r in held.answers["slow"]] == [200] * count
     # Batching still works where two fit the slice: the scheduler costs a batch of two at
     # twice its key's last run alone (``BatchStats.cost``, one size seen), so a run alone
     # that took under half the slice, with two or more of its key still queued, must be
@@ -173,9 +193,7 @@ def test_while_another_client_waits_a_batch_is_a_time_slice(server: str) -> None
     # Judged from the runs' own times, not the measure before the test: on CI's four
     # workers on two cores a 0.34 s Jacobian took over 0.5 s each time under the test, and
     # every batch rightly held one (``1 > 1``).
-    sizes = [r.json()["meta"]["batch_size"] for r in held.answers["slow"]]
-    runs_ms = [r.json()["meta"]["compute_ms"] for r in held.answers["slow"]]
-    quick = sum(ms < 0.45 * _SHARED_BATCH_S * 1e3 for ms in runs_ms)
+    quick = sum(ms < 0.45 * slice_ms for ms in runs_ms)
     assert max(sizes) > 1 or quick <= 2, (sizes, runs_ms, each)
 
 
