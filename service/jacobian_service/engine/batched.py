@@ -20,7 +20,7 @@ from . import kept_state
 from .kept_state import KeptState
 from .shapes import span
 from .calling import (AuxBox, GradOffWatch, as_input_dtypes, changed_between_calls, differentiable, fresh,
-                      function_error, is_oom)
+                      function_error, is_oom, look)
 from .hessian import (CHECK_ELEMENTS, STRATEGIES, TORCHS, agrees_with_differences, agrees_with_hvp, finite, gradient,
                       half_precision, hvp_misses, jacrev_rows, with_output)
 from .products import agrees_with_reverse, reverse_misses, same_products
@@ -55,7 +55,8 @@ def batched(engine: "Engine", call: Call, kind: str, allow_loop: bool = True) ->
     # Size check from one example's forward pass, before any derivative; it also tells
     # whether the function computes with grad off (calling.GradOffWatch).
     watch = GradOffWatch(active=kind == "hessian")  # not on reverse mode's hot path
-    first = engine.guard(lambda: watch.call(box, *fresh(_dims.example(args, in_dims, 0)))[0]) if batch else None
+    # (as reverse mode calls it where a plain call fails: calling.look)
+    first = engine.guard(lambda: watch.call(look, box, lambda: fresh(_dims.example(args, in_dims, 0)))[0]) if batch else None
     no_rows = first is not None and not any(leaf.numel() for leaf in pytree.tree_leaves(first))
     profile.grad_off = profile.grad_off or watch.seen
     attempts = [("rev", not profile.vmap_pullback)]  # (strategy, jacrev row by row: see rows.py)
@@ -354,7 +355,8 @@ def _hvp_misses(call: Call, args: list[torch.Tensor], in_dims: Sequence[int | No
     ``w``, ``v``; the tolerance of hessian.agrees_with_hvp), all HVPs in one ``vmap``.
     Where that ``vmap`` cannot run, every example, to be checked alone."""
     g0, p0 = differentiable(AuxBox(call.spec), _dims.example(args, in_dims, 0), call)
-    outs, leaves = pytree.tree_leaves(g0(*fresh(p0))[0]), pytree.tree_leaves(p0)
+    # (its output's sizes, as reverse mode calls it where a plain call fails: calling.look)
+    outs, leaves = pytree.tree_leaves(look(g0, lambda: fresh(p0))[0]), pytree.tree_leaves(p0)
     spec = pytree.tree_structure(p0)
     gen = torch.Generator(device="cpu").manual_seed(0)
     w = [(torch.rand((batch, *o.shape), generator=gen, dtype=torch.float64) - 0.5).to(o.device, o.dtype) for o in outs]

@@ -34,6 +34,7 @@ __all__ = [
     "function_error",
     "is_oom",
     "lacks_forward_ad",
+    "look",
     "partial",
 ]
 
@@ -372,6 +373,53 @@ def fresh(tree: Any) -> Any:
     (under ``no_grad``, or in forward mode), and the call that answers must see the
     request's values, as the only call jacrev makes does, not ones a look changed."""
     return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, tree)
+
+
+def look(fn: Callable[..., Any], inputs: Callable[[], Sequence[Any]]) -> Any:
+    """``fn(*inputs())``, the plain call a derivative's route makes first to learn its
+    output's sizes; where that raises, ``fn`` called again (on new ``inputs()``) as
+    reverse mode calls it, inside ``torch.func.vjp``, whose output or error is the answer.
+
+    Under ``jacrev``, ``torch.func.hessian``, ``vmap(jacrev)`` and the HVP's gradient the
+    function's floating inputs require grad and build a graph, and code may count on that:
+    a gradient hook (``y.register_hook``), ``assert x.requires_grad``. A plain call refuses
+    both ("cannot register a hook on a tensor that doesn't require gradient"), so the
+    Hessian, the batched Jacobian, the HVP and the sparse routes of such a function were
+    that 500 where torch answers; and a function torch refuses under its transforms was
+    refused in the plain call's words, not torch's (``y.retain_grad()``: "can't retain_grad
+    on Tensor that has requires_grad=False" where torch says it is "inside of a function
+    being transformed by a functorch transform"). A function that fails however it is
+    called fails again, in the words reverse mode gets. Outputs of any kind come back as
+    the function returned them (its tensors unwrapped from the transform)."""
+    try:
+        return fn(*inputs())
+    except Exception as exc:
+        if isinstance(exc, ServiceError) or is_oom(exc):
+            raise
+    leaves, spec = pytree.tree_flatten(list(inputs()))
+    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and (leaf.is_floating_point()
+                                                                                      or leaf.is_complex())]
+    if not where:  # nothing reverse mode differentiates: the plain call's error stands
+        return fn(*pytree.tree_unflatten(leaves, spec))
+    held: list[tuple[list[Any], Any, list[int]]] = []
+
+    def reverse(*diff: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        full = list(leaves)
+        for i, d in zip(where, diff):
+            full[i] = d
+        out_leaves, out_spec = pytree.tree_flatten(fn(*pytree.tree_unflatten(full, spec)))
+        tensors = [j for j, leaf in enumerate(out_leaves) if isinstance(leaf, torch.Tensor)]
+        held.append((out_leaves, out_spec, tensors))
+        # Its tensors as vjp's aux, which vjp unwraps whatever their dtype (its output
+        # must be floating: a zero stands there)
+        return diff[0].new_zeros(()), tuple(out_leaves[j] for j in tensors)
+
+    _, _, outs = torch.func.vjp(reverse, *(leaves[i] for i in where), has_aux=True)
+    out_leaves, out_spec, tensors = held[-1]
+    out_leaves = list(out_leaves)
+    for j, t in zip(tensors, outs):
+        out_leaves[j] = t
+    return pytree.tree_unflatten(out_leaves, out_spec)
 
 
 class AuxBox:

@@ -28,7 +28,7 @@ from . import vmap_dims as _vmap_dims
 from . import hessian as _hessian
 from . import sparse as _sparse
 from .calling import (AuxBox, GradOffWatch, as_input_dtypes, dense_pullback, differentiable, fresh,
-                      function_error, is_oom, lacks_forward_ad)
+                      function_error, is_oom, lacks_forward_ad, look)
 from .devices import release_free_heap
 from .dual_level import beside_a_held_dual_level
 from .products import agrees_with_reverse, global_replay, one_agrees, over_vectors, rng_replay
@@ -664,7 +664,9 @@ class Engine:
         box = AuxBox(call.spec)
         g, primals = differentiable(box, args, call)
         watch = GradOffWatch()
-        out, _ = self.guard(lambda: watch.call(g, *fresh(primals)))
+        # (as reverse mode calls it where a plain call fails: calling.look; forward mode
+        # then fails too, and reverse mode answers, as README's "whatever mode" says)
+        out, _ = self.guard(lambda: watch.call(look, g, lambda: fresh(primals)))
         if watch.seen:  # forward mode would see through its no_grad: jacrev's answer
             profile.grad_off = True
             return None
@@ -963,7 +965,7 @@ class Engine:
         like = primals if call.as_tuple else primals[0]
         # The output first: no tangent can fix a function that is not scalar. Its random
         # draws are the products' too (products.rng_replay).
-        out, aux_t, replay = self._first_call(g, primals)
+        out, aux_t, replay = self._first_call(g, primals, reverse=True)
         if call.cotangents is None and not (isinstance(out, torch.Tensor) and out.dim() == 0):
             raise InvalidInput("hvp needs a function with one scalar (0-d) output, or 'cotangents' shaped like "
                                "its output (c . H t, a vector-Hessian-vector product)")
@@ -1011,7 +1013,8 @@ class Engine:
         return Result(self.host(value), self.host(aux), call.spec.has_aux, output,
                       batch_meta=derivative_half_meta(call, value, out, aux))
 
-    def _first_call(self, g: Callable[..., Any], primals: tuple[Any, ...]) -> tuple[Any, Any, Callable[[], None]]:
+    def _first_call(self, g: Callable[..., Any], primals: tuple[Any, ...],
+                    reverse: bool = False) -> tuple[Any, Any, Callable[[], None]]:
         """``(out, aux_t, replay)``: the plain call whose output a jvp / hvp answers, and
         what puts the random generators back as they were for it (products.rng_replay).
         Where it drew from numpy's or Python's global generator (their fingerprints, ~2
@@ -1020,10 +1023,13 @@ class Engine:
         what that call drew."""
         replay = rng_replay()
         drawn = self._draws()
-        out, aux_t = self.guard(lambda: g(*fresh(primals)))
+        # ``reverse``: the products differentiate it in reverse mode (an HVP's gradient),
+        # so where a plain call fails it is called as reverse mode calls it (calling.look)
+        first = (lambda: look(g, lambda: fresh(primals))) if reverse else (lambda: g(*fresh(primals)))
+        out, aux_t = self.guard(first)
         if self._draws() != drawn:
             replay = global_replay()
-            out, aux_t = self.guard(lambda: g(*fresh(primals)))
+            out, aux_t = self.guard(first)
         return out, aux_t, replay
 
     def _checked(self, call: Call, kind: str) -> tuple[Any, Any]:

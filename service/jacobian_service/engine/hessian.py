@@ -31,7 +31,7 @@ from ..errors import ServiceError
 from ..types import Call, Result
 from .shapes import span
 from .calling import (AuxBox, GradOffWatch, as_input_dtypes, differentiable, fresh, function_error, is_oom,
-                      lacks_forward_ad)
+                      lacks_forward_ad, look)
 
 if TYPE_CHECKING:
     from .core import Engine
@@ -314,7 +314,7 @@ def agrees_with_differences(g: Callable[..., Any], primals: tuple[Any, ...], arg
 
 def _called(alive: Callable[[], None], g: Callable[..., Any], primals: tuple[Any, ...]) -> list[torch.Tensor]:
     alive()
-    return pytree.tree_leaves(g(*fresh(primals))[0])
+    return pytree.tree_leaves(look(g, lambda: fresh(primals))[0])  # (as reverse mode calls it, where a plain call fails)
 
 
 def _same_leaves(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
@@ -450,7 +450,7 @@ def hessian(engine: "Engine", call: Call) -> Result:
     g, primals = differentiable(box, args, call)
     argnums: int | tuple[int, ...] = tuple(range(len(primals))) if call.as_tuple else 0
     watch = GradOffWatch()
-    out, _ = engine.guard(lambda: watch.call(g, *fresh(primals)))
+    out, _ = engine.guard(lambda: watch.call(look, g, lambda: fresh(primals)))  # (as reverse mode calls it, where a plain call fails)
     profile = engine.profiles[call.spec.name]
     profile.grad_off = profile.grad_off or watch.seen
     out_numel = sum(leaf.numel() for leaf in pytree.tree_leaves(out))

@@ -30,7 +30,7 @@ from jacobian_client._pattern import braille
 
 from ..errors import InvalidInput, ResultTooLarge, ServiceError, SparsityNotFound
 from ..types import Call, Result, stacked_liveness
-from .calling import AuxBox, function_error
+from .calling import AuxBox, function_error, look
 
 __all__ = ["describe", "preload", "run_batch", "sparse_derivative", "streamed_rows"]
 
@@ -59,7 +59,8 @@ def _plan(
     ``output``: the function's output at ``args``, computed already (a batch's vmapped
     forward pass at its first point), so not computed again here."""
     if output is None:
-        output, _ = engine.guard(lambda: box(*_copies(args)))  # the function may write into its inputs
+        # (copies: the function may write into its inputs; as reverse mode calls it where a plain call fails: calling.look)
+        output, _ = engine.guard(lambda: look(box, lambda: _copies(args)))
     out = output
     m = sum(leaf.numel() for leaf in pytree.tree_leaves(out))
     if kind == "hessian" and m != 1:
@@ -229,7 +230,8 @@ def sparse_derivative(engine: Any, call: Call, kind: str, dense_streamed: bool =
         from ..sparsity.draws import TorchDraws
 
         before = TorchDraws()
-        forward = engine.guard(lambda: box(*_copies(args)))  # the function may write into its inputs
+        # (copies: the function may write into its inputs; as reverse mode calls it where a plain call fails: calling.look)
+        forward = engine.guard(lambda: look(box, lambda: _copies(args)))
         output = forward[0]
         if TorchDraws() != before:  # it draws: the derivative's own first call sees it do so (sparsity.draws)
             forward = None

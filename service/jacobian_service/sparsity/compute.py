@@ -23,7 +23,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .. import __version__ as _SERVICE_VERSION
-from ..engine.calling import GradOffWatch, dense_pullback, lacks_forward_ad
+from ..engine.calling import GradOffWatch, dense_pullback, lacks_forward_ad, look
 from ..engine.hessian import agrees_with_differences, gradient, refusal
 from ..engine.products import same_products, vmap_agrees
 from ..errors import ServiceError, exception_text
@@ -166,7 +166,7 @@ def _at(
     forward pass sizes the output before the pattern and the colouring are chosen).
     ``forward``: what ``fn`` returned at ``args``, called already by the caller."""
     argnums = tuple(argnums)
-    full_out = fn(*fresh(args)) if forward is None else forward
+    full_out = look(fn, lambda: fresh(args)) if forward is None else forward  # (calling.look: where a plain call fails)
     out, aux = full_out if has_aux else (full_out, None)
     return argnums, tuple(args[i] for i in argnums), out, aux
 
@@ -509,7 +509,7 @@ def _build_pattern(
         if spec.hessian != (kind == "hessian"):
             raise ValueError(f"the declared pattern {label!r} is for the {'Hessian' if spec.hessian else 'Jacobian'}")
         if out_size is None:  # a plain call: see probe's (a function may call torch.autograd.grad)
-            out_size = int(_flat_fn(fn, args, argnums, has_aux)(*fresh([args[i] for i in argnums])).numel())
+            out_size = int(look(_flat_fn(fn, args, argnums, has_aux), lambda: fresh([args[i] for i in argnums])).numel())
         return spec.build(in_shapes, out_size, name=label)
     g = _flat_fn(fn, args, argnums, has_aux)
     diff = [args[i] for i in argnums]
