@@ -161,3 +161,30 @@ def printed(x):
     # test_tensor_print: repr of a wrapped tensor inside the transforms
     text = repr(x) + repr(x.sin())
     return x.sin() * (1.0 + 0.0 * len(text))
+
+
+def _linear(hook: str) -> torch.nn.Linear:
+    lin = torch.nn.Linear(3, 3).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0.5, 0.0], [0.0, 1.0, -0.5], [0.25, 0.0, 1.0]], dtype=torch.float64))
+        lin.bias.fill_(0.1)
+    if hook == "backward":
+        lin.register_full_backward_hook(lambda m, gi, go: (gi[0] * 2,))
+    else:
+        lin.register_forward_hook(lambda m, i, o: o * 3)
+    return lin
+
+
+BACKWARD_HOOKED, FORWARD_HOOKED = _linear("backward"), _linear("forward")
+
+
+@register(inputs=X3)
+def module_backward_hook(x):
+    # a module's full backward hook: a BackwardHookFunction, an autograd.Function
+    # without setup_context, which torch.func's reverse mode refuses
+    return BACKWARD_HOOKED(x).sin().sum()
+
+
+@register(inputs=X3)
+def module_forward_hook(x):
+    return FORWARD_HOOKED(x).sin().sum()

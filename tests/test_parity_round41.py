@@ -19,7 +19,9 @@ one example at a time; a Hessian torch's forward-over-reverse cannot run, revers
 reverse checked against differences): saved tensor hooks (TestComposability), a
 Function without ``setup_context``, ``torch.autograd.functional`` inside, out= ops and
 views of ``unbind`` mutated (TestFunctionalize), a HigherOrderOperator with vmap and
-grad rules only (TestHigherOrderOperatorInteraction), ``tolist`` and ``repr`` inside.
+grad rules only (TestHigherOrderOperatorInteraction), ``tolist`` and ``repr`` inside,
+an ``nn.Module``'s forward hook and full backward hook (an autograd.Function without
+``setup_context``: reverse mode refuses it, forward mode passes it by, as in torch).
 """
 
 from __future__ import annotations
@@ -95,7 +97,9 @@ def replayed(c, name: str, route: str, x: np.ndarray = X) -> None:
     fn = getattr(F, name)
     response = served(c, name, route, x)
     try:
-        want = compute(fn, x)
+        with warnings.catch_warnings():  # (jvp through a module's backward hook warns of torch.jit.script)
+            warnings.simplefilter("ignore")
+            want = compute(fn, x)
     except Exception as exc:  # torch raises: the function's 500 in torch's words
         body = assert_problem(response, 500, "function_error")
         words = f"{type(exc).__name__}: {exc}"
@@ -150,6 +154,10 @@ def test_retain_grad_inside_is_refused_in_torchs_words_on_every_route(c):
     # TestHigherOrderOperatorInteraction (no jvp rule: torch.func.hessian raises KeyError,
     # reverse over reverse answers, checked: README)
     ("hop_sum_scalar", ["evaluate", "jacobian", "vjp", "jvp", "hvp", "batched jacobian"]),
+    # nn.Module hooks: a full backward hook is an autograd.Function without setup_context
+    # (reverse mode refuses it, forward mode passes it by), a forward hook is code
+    ("module_backward_hook", EVERY_ROUTE),
+    ("module_forward_hook", EVERY_ROUTE),
 ])
 def test_the_other_cases_walked_answer_as_torch(c, name, routes):
     for route in routes:
