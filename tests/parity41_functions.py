@@ -4,7 +4,7 @@ hooks, autograd.functional and a Function without setup_context inside a transfo
 gradient hook; ``assert x.requires_grad``), a HigherOrderOperator with its own vmap and
 grad rules (TestHigherOrderOperatorInteraction), out= ops and views of unbind mutated
 (TestFunctionalize), ``tolist`` and ``repr`` of wrapped tensors (TestGradTrackingTensorToList,
-test_tensor_print)."""
+test_tensor_print), and an nn.Module's forward and full backward hooks."""
 
 from __future__ import annotations
 
