@@ -755,7 +755,7 @@ class _Tracer:
         if mutated and isinstance(args[0], _Traced):  # written from traced values: no longer the same at every point
             args[0].root.const = False
         custom = _custom_function()
-        if custom is None:
+        if custom is None and not _reads_nothing(pytree.tree_leaves(out), traced):
             self.chose(name[:-1] if name.endswith("_") else name, args, traced)
         if custom is not None:
             result = self.opaque(custom, func, args, kwargs, out, mutated)
@@ -790,6 +790,9 @@ class _Tracer:
             self.reads(f"{name}: an output shape that depends on values")
         if not torch.is_grad_enabled():
             self.no_grad = True
+        if _reads_nothing(leaves, traced):
+            wrapped = [self.wrap(o, _empty(o.numel(), self.n)) if _float(o) else o for o in leaves]
+            return pytree.tree_unflatten(wrapped, spec)
         if name == "fill" and _fill_value(args) is not None and torch.is_grad_enabled():
             return self.filled(_fill_value(args), out)
         if name in _NO_DEPS or _zero_derivative(name, traced) or not torch.is_grad_enabled():
@@ -2407,6 +2410,18 @@ def _strided(o: torch.Tensor) -> bool:
     the function). torch (2.13) crashes the process, a segmentation fault, at the next
     op on such a wrapper: the engine died at every such request."""
     return o.layout == torch.strided and not o._is_zerotensor()
+
+
+def _reads_nothing(outs: Sequence[Any], traced: Sequence[Any]) -> bool:
+    """Whether an op's float results hold no element, or its traced arguments none: an
+    empty result reads nothing, and one computed from empty tensors alone (the sum of
+    none, 0; their product, 1) is the same at every point, a choice among none no choice.
+    The ops' own rules met the zero size badly: a sum over an empty slice (a 1 x n
+    grid's diagonal differences, ``u[1:, 1:] - u[:-1, :-1]``) multiplied a (1, 1)
+    reduction by (0, n) deps, ``cdist`` of no points failed alike, the trace failed, and
+    the whole request was probed (``exact`` false, a numerical pattern)."""
+    floats = [o for o in outs if _float(o)]
+    return bool(floats) and all(o.numel() == 0 for o in floats) or bool(traced) and all(t.numel() == 0 for t in traced)
 
 
 def _float(o: Any) -> bool:
