@@ -171,8 +171,11 @@ _CHOICES = frozenset(
     """clamp clamp_min clamp_max clip hardtanh relu relu6 threshold maximum minimum fmax fmin max min
     hardsigmoid hardswish amax amin median nanmedian sort topk kthvalue mode cummax cummin
     max_pool2d_with_indices max_pool3d_with_indices adaptive_max_pool2d adaptive_max_pool3d aminmax
-    _prelu_kernel renorm""".split()
+    _prelu_kernel renorm nan_to_num""".split()
 )
+# Reductions whose ``reduce`` argument may choose by the values: a scatter's or index's
+# amax / amin, a segment's max / min (every candidate is in the pattern, as for amax).
+_REDUCE_CHOICES = {"scatter_reduce": ("amax", "amin"), "index_reduce": ("amax", "amin"), "segment_reduce": ("max", "min")}
 # Pointwise ops whose derivative is zero everywhere it exists, for real arguments: the
 # sgn of a complex z is z / |z|, whose derivative is not (_zero_derivative).
 _ZERO_DERIVATIVE = frozenset("floor ceil round trunc sign sgn fix".split())
@@ -666,11 +669,17 @@ class _Tracer:
         if len(self.value_reads) < 4 and why not in self.value_reads:
             self.value_reads.append(why)
 
-    def chose(self, name: str, args: Any, traced: Sequence[_Traced]) -> None:
+    def chose(self, name: str, args: Any, traced: Sequence[_Traced], kwargs: dict[str, Any] | None = None) -> None:
         """Note an op whose derivative follows a choice the values make (``_CHOICES``;
-        ``where`` and ``masked_fill`` on a condition that is not a constant), applied
-        to values that depend on the inputs while grad is on."""
-        if name not in _CHOICES and name not in ("where", "masked_fill"):
+        ``where`` and ``masked_fill`` on a condition that is not a constant; a max or
+        min ``_REDUCE_CHOICES``), applied to values that depend on the inputs while grad
+        is on."""
+        if name in _REDUCE_CHOICES:
+            # (its reduce is its one string argument; a sum or prod reads every element)
+            reduce = next((a for a in (*args, *(kwargs or {}).values()) if isinstance(a, str)), None)
+            if reduce not in _REDUCE_CHOICES[name]:
+                return
+        elif name not in _CHOICES and name not in ("where", "masked_fill"):
             return
         if not torch.is_grad_enabled() or not any(_float(t) and t.root.deps.nnz for t in traced):
             return
@@ -756,7 +765,7 @@ class _Tracer:
             args[0].root.const = False
         custom = _custom_function()
         if custom is None and not _reads_nothing(pytree.tree_leaves(out), traced):
-            self.chose(name[:-1] if name.endswith("_") else name, args, traced)
+            self.chose(name[:-1] if name.endswith("_") else name, args, traced, kwargs)
         if custom is not None:
             result = self.opaque(custom, func, args, kwargs, out, mutated)
         elif mutated:
