@@ -27,6 +27,7 @@ from jacobian_service.sparsity import (  # noqa: E402
 )
 
 from jacobian_service.sparsity.detect import TraceError  # noqa: E402
+from jacobian_service.sparsity.patterns import CHOICE_NOTE  # noqa: E402
 from tests import sparse_functions as sparse_fem  # noqa: E402
 
 BUILTINS = Registry.from_modules()
@@ -900,17 +901,82 @@ def test_scatter_style_ops_are_traced_exactly(name):
     np.testing.assert_allclose(h.matrix.toarray(), want, rtol=1e-10, atol=1e-12)
 
 
-def test_scatter_max_is_a_superset():
+_SEGMENT_MAX = {  # each of the 5 outputs: the largest (smallest) of its segment's elements
+    "scatter_reduce_amax": lambda x: x.new_zeros(5).scatter_reduce(0, _SEGMENTS, x, "amax", include_self=False),
+    "scatter_reduce_amin_": lambda x: x.new_zeros(5).scatter_reduce_(0, _SEGMENTS, x, "amin", include_self=False),
+    "index_reduce_amax": lambda x: x.new_zeros(5).index_reduce(0, _SEGMENTS, x, "amax", include_self=False),
+    "segment_reduce_max": lambda x: torch.segment_reduce(x, "max", lengths=torch.tensor([2, 3, 1, 4, 0]), initial=0.0),
+}
+
+
+@pytest.mark.filterwarnings("ignore:index_reduce\\(\\) is in beta")
+@pytest.mark.parametrize("name", sorted(_SEGMENT_MAX))
+def test_scatter_max_is_a_superset(name):
     """amax / amin pass the derivative to the winners only: the pattern keeps every
-    candidate (as max reductions do), never fewer."""
-    fn = lambda x: x.new_zeros(5).scatter_reduce(0, _SEGMENTS, x, "amax", include_self=False)  # noqa: E731
+    candidate (as max reductions do), never fewer, and says so: ``conservative`` (with
+    the choice note), as a max over a dim does. A scatter's, index's or segment's max
+    was stored as an exact pattern that was not conservative (24 entries where 6 are
+    nonzero, nothing saying why)."""
+    fn = _SEGMENT_MAX[name]
     x = torch.randn(10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     p = trace_jacobian(fn, [x])
     members = _SEGMENTS.numpy()[None, :] == np.arange(5)[:, None]  # row s: the elements of segment s
     assert p.exact and np.array_equal(p.to_dense(), members)
+    assert p.conservative and any(n.startswith(CHOICE_NOTE) for n in p.notes), p.notes
     assert not (dense_jacobian(fn, [x]) != 0)[~members].any()
     r = sparse_jacobian(fn, [x], cache=PatternCache(None))
     np.testing.assert_allclose(r.matrix.toarray(), dense_jacobian(fn, [x]), rtol=1e-12)
+
+
+def test_sums_and_nan_to_num_are_no_choices():
+    """A scatter's sum and a segment's sum read every element (no choice: not
+    conservative); nan_to_num passes the derivative where the value is finite only, a
+    choice the values make (conservative, as a clamp is)."""
+    x = torch.randn(10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for fn in (lambda x: x.new_zeros(5).scatter_reduce(0, _SEGMENTS, x, "sum"),
+               lambda x: torch.segment_reduce(x, "sum", lengths=torch.tensor([2, 3, 5]))):
+        assert not trace_jacobian(fn, [x]).conservative
+    p = trace_jacobian(lambda x: torch.nan_to_num(torch.log(x)), [x])  # NaN where x < 0: a zero derivative there
+    assert p.nnz == 10 and p.conservative, p.notes
+
+
+# Empty intermediates (a slice of a size-1 dim), as a 1 x n grid makes them; each case's
+# output is what jacrev reads, its empty part no entry.
+_EMPTY = {
+    "sum": lambda x: x[10:].sum() + x,
+    "mean_norm": lambda x: torch.nan_to_num(x[10:].mean()) + x[10:].norm() + x,
+    "sum_dim": lambda x: torch.cat([x[10:].reshape(0, 2).sum(0), x]),
+    "cumsum_softmax_sort": lambda x: torch.cat([x[10:].cumsum(0), x[10:].softmax(0), x[10:].sort().values, x]),
+    "cdist": lambda x: torch.cat([torch.cdist(x[10:].reshape(0, 2), x.reshape(5, 2)).reshape(-1), x]),
+    "prod_dim_in_place": lambda x: x.reshape(10, 1)[:, :0].prod(1) * x + (x[10:] * 2).add_(1).sum(),
+    "diagonal_differences": lambda x: ((x.reshape(1, 10)[1:, 1:] - x.reshape(1, 10)[:-1, :-1]) ** 2).sum() + x.sin(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_EMPTY))
+def test_empty_intermediates_read_nothing(name):
+    """A reduction, scan or line op over an empty slice failed the trace (scipy's (1, 1)
+    x (0, n) product: ``matmul: dimension mismatch``), and cdist of no points alike: the
+    whole request was probed (``source: probed``, exact false). An op with no element
+    out, or none in, reads nothing; the rest of the pattern is traced exactly."""
+    fn = _EMPTY[name]
+    x = torch.randn(10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    p = trace_jacobian(fn, [x])
+    assert p.source == "traced" and p.exact and not p.conservative, p.notes
+    assert p == true_pattern(fn, [x])
+
+
+def test_a_one_row_grids_hessian_is_traced():
+    """The 9-point energy of a 1 x n grid: its diagonal differences are empty."""
+    def energy(u):
+        g = u.reshape(1, -1)
+        diag = g[1:, 1:] - g[:-1, :-1]
+        return (diag**2).sum() + ((g[:, 1:] - g[:, :-1]) ** 2).sum() + (u**4).sum()
+
+    x = torch.randn(10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    p = trace_hessian(energy, [x])
+    assert p.source == "traced" and p.exact
+    assert np.array_equal(p.to_dense(), torch.func.hessian(energy)(x).numpy() != 0)
 
 
 def _interior_writes(x):  # writes through views of a fresh buffer: R[1:-1] += ..., its slice's index_add_
