@@ -187,6 +187,34 @@ _NO_DEPS = frozenset(
 )
 
 
+def _without_derivative() -> frozenset[str]:
+    """torch.special's functions that autograd does not differentiate at all (Bessel
+    and Airy functions, the orthogonal polynomials: their results require no grad, and
+    jacrev's Jacobian through them is zero), found by calling each once: a pattern
+    through them held entries jacrev has as zeros (bessel_j0(x) * roll(x, 1): 48 for 24,
+    two products for one). Asked of torch, not listed, so that a derivative a later
+    torch adds is traced again."""
+    found = set()
+    with torch.enable_grad(), torch.inference_mode(False):
+        x = torch.ones(2, requires_grad=True)
+        for name in dir(torch.special):
+            fn = getattr(torch.special, name)
+            if name.startswith("_") or not callable(fn) or not hasattr(torch.ops.aten, "special_" + name):
+                continue
+            for args in ((x,), (x, x)):  # (the polynomials take n beside x)
+                try:
+                    y = fn(*args)
+                except Exception:
+                    continue
+                if isinstance(y, torch.Tensor) and y.is_floating_point() and not y.requires_grad:
+                    found.add("special_" + name)
+                break
+    return frozenset(found)
+
+
+_WITHOUT_DERIVATIVE = _without_derivative()
+
+
 def _zero_derivative(name: str, traced: list[Any]) -> bool:
     """An op of _ZERO_DERIVATIVE on real arguments (sgn takes complex ones too: z / |z|,
     pointwise with a derivative, whose Jacobian came back all zeros, exact, with a 200)."""
@@ -271,7 +299,7 @@ def _lstsq(named: dict[str, Any], outs: Sequence[torch.Tensor]) -> tuple[Any, ..
 # Ops traced through torch's own decomposition (torch._decomp), where it computes what
 # the op's backward differentiates: max_unpool places each value where its index says
 # (a scatter), as its backward gathers the gradient from there.
-_DECOMPOSED = frozenset("max_unpool2d max_unpool3d".split())
+_DECOMPOSED = frozenset("max_unpool2d max_unpool3d affine_grid_generator".split())
 
 def _reflect(a: torch.Tensor, tau: torch.Tensor, c: torch.Tensor, left: bool = True, transpose: bool = False) -> torch.Tensor:
     """``Q C`` (``Q^H C``, ``C Q``, ``C Q^H``), ``Q = H_1 ... H_k`` the Householder
@@ -804,7 +832,7 @@ class _Tracer:
             return pytree.tree_unflatten(wrapped, spec)
         if name == "fill" and _fill_value(args) is not None and torch.is_grad_enabled():
             return self.filled(_fill_value(args), out)
-        if name in _NO_DEPS or _zero_derivative(name, traced) or not torch.is_grad_enabled():
+        if name in _NO_DEPS or name in _WITHOUT_DERIVATIVE or _zero_derivative(name, traced) or not torch.is_grad_enabled():
             wrapped = [self.wrap(o, _empty(o.numel(), self.n)) if _float(o) else o for o in leaves]
             return pytree.tree_unflatten(wrapped, spec)
         if name == "as_strided_scatter" and _float(out):
