@@ -1280,3 +1280,32 @@ def test_a_generator_the_function_seeds_itself_keeps_its_pattern_cached():
         assert r.timings["cached"] == cached and not r.pattern.value_dependent
         assert any("seeds itself" in note for note in r.pattern.notes)
         np.testing.assert_array_equal(r.matrix.toarray(), torch.func.jacrev(fn)(x).numpy())
+
+
+_NO_DERIVATIVE = {  # torch differentiates none of these: jacrev's Jacobian through them is 0
+    "bessel_j0": lambda x: torch.special.bessel_j0(x).roll(1) * x + x.sin(),
+    "modified_bessel_k1": lambda x: torch.special.modified_bessel_k1(x.abs() + 0.5).roll(2) + x**2,
+    "hermite_polynomial": lambda x: torch.special.hermite_polynomial_h(x, 3) * x.roll(-1),
+    "affine_grid": lambda x: torch.nn.functional.affine_grid(x[:6].reshape(1, 2, 3), (1, 1, 2, 3),
+                                                             align_corners=False).reshape(-1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_NO_DERIVATIVE))
+def test_functions_without_derivative_and_affine_grid(name):
+    """Bessel functions and orthogonal polynomials (torch.special) have no derivative in
+    torch: jacrev's Jacobian through them is zero, and the pattern held those entries
+    (roll(bessel_j0(x), 1) * x: 20 for 10, two products for one). affine_grid was an
+    unknown op (every grid point on every theta, exact false); its decomposition is
+    traced: each point on its row of theta."""
+    fn = _NO_DERIVATIVE[name]
+    x = torch.randn(10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    p = trace_jacobian(fn, [x])
+    assert p.exact and p == true_pattern(fn, [x]), (p.nnz, p.notes)
+    r = sparse_jacobian(fn, [x], cache=PatternCache(None))
+    np.testing.assert_allclose(r.matrix.toarray(), dense_jacobian(fn, [x]), rtol=1e-12, atol=1e-14)
+    if name == "bessel_j0":
+        assert r.n_products == 1  # (2 before: x[i - 1] read through bessel_j0)
+        energy = lambda x: (fn(x) * x).sum()  # noqa: E731
+        h = sparse_hessian(energy, [x], cache=PatternCache(None))
+        np.testing.assert_allclose(h.matrix.toarray(), torch.func.hessian(energy)(x).numpy(), rtol=1e-12, atol=1e-14)
