@@ -856,6 +856,8 @@ def test_get_sparsity_shapes_are_bounded_like_a_body(client):
     # over the element limit: a 413, as the same shape in a body is (it was a 422 here)
     ("reaction_diffusion", "4294967296,4294967296", 413, "over the limit of 268435456 elements"),  # np.prod wrapped to 0
     ("reaction_diffusion", "65536,65536", 413, "over the limit of 268435456 elements"),
+    ("sin", "3;4", 422, "sin takes 1 input ['x']; shapes gives 2"),  # said "1 inputs", as a body's count once did
+    ("xy_product", "3", 422, "xy_product takes 2 inputs ['x', 'y']; shapes gives 1"),
 ])
 def test_get_sparsity_shapes_are_checked_as_the_wire_checks_them(client, name, shapes, status, needle):
     """Sizes are Python ints within int64 whose product (exact, over the non-zero sizes)

@@ -1044,7 +1044,8 @@ def parse_sparsity_query(spec: FunctionSpec, query: Mapping[str, str], limits: w
         raise InvalidInput("give the input shapes: shapes=3,4;5 (one shape per input, ';' between inputs)")
     shapes = _shapes(query["shapes"])
     if len(shapes) != len(spec.inputs):
-        raise InvalidInput(f"{spec.name} takes {len(spec.inputs)} inputs {[i.name for i in spec.inputs]}; "
+        count = len(spec.inputs)
+        raise InvalidInput(f"{spec.name} takes {count} input{'s' if count != 1 else ''} {[i.name for i in spec.inputs]}; "
                            f"shapes gives {len(shapes)}", fields=_short_fields(spec, len(shapes)))
     kind = query.get("kind", "jacobian")
     if kind not in ("jacobian", "hessian"):
