@@ -1309,3 +1309,40 @@ def test_functions_without_derivative_and_affine_grid(name):
         energy = lambda x: (fn(x) * x).sum()  # noqa: E731
         h = sparse_hessian(energy, [x], cache=PatternCache(None))
         np.testing.assert_allclose(h.matrix.toarray(), torch.func.hessian(energy)(x).numpy(), rtol=1e-12, atol=1e-14)
+
+
+def _steps(x):
+    return x[1:] - x[:-1]
+
+
+_PIECEWISE = {  # each beside x**2: torch's Hessian is the diagonal alone
+    "abs_total_variation": lambda x: _steps(x).abs().sum(),
+    "relu_hinge_in_place": lambda x: (1 - _steps(x)).relu_().sum(),
+    "clamp_by_a_tensor": lambda x: torch.clamp(x[1:], min=x[:-1]).sum() + torch.clamp(_steps(x), -0.5, 0.5).sum(),
+    "maximum_fmin": lambda x: (torch.maximum(x[1:], x[:-1]) + torch.fmin(2 * x[1:], x[:-1])).sum(),
+    "hardtanh_leaky_shrink": lambda x: (torch.nn.functional.hardtanh(_steps(x)) + torch.nn.functional.leaky_relu(_steps(x), 0.1)
+                                        + torch.nn.functional.softshrink(_steps(x), 0.3)).sum(),
+    "fmod_copysign": lambda x: (torch.fmod(_steps(x), 0.3) + torch.copysign(x[1:], x[:-1])).sum(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_PIECEWISE))
+def test_piecewise_linear_terms_add_no_hessian_pairs(name):
+    """An L1 or total-variation penalty, a hinge, a clamp: piecewise linear, their second
+    derivative zero wherever they have one, and torch's double backward through them
+    zero (masks and signs). Each took the pairs of its operands (|x[i+1] - x[i]|: a
+    tridiagonal pattern, 3 products, where torch's Hessian is diagonal: 1)."""
+    energy = lambda x: _PIECEWISE[name](x) + (x**2).sum()  # noqa: E731
+    x = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    p = trace_hessian(energy, [x])
+    assert p.exact and np.array_equal(p.to_dense(), np.eye(12, dtype=bool)), p.nnz
+    h = sparse_hessian(energy, [x], cache=PatternCache(None))
+    assert h.n_products == 1
+    np.testing.assert_allclose(h.matrix.toarray(), torch.func.hessian(energy)(x).numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_a_complex_modulus_keeps_its_pairs():
+    """|z| of a complex z = x + i y is sqrt(x^2 + y^2), not piecewise linear: its pairs stay."""
+    energy = lambda x: torch.complex(x[1:], x[:-1]).abs().sum()  # noqa: E731
+    x = torch.randn(12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert np.array_equal(trace_hessian(energy, [x]).to_dense(), torch.func.hessian(energy)(x).numpy() != 0)

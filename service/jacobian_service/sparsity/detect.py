@@ -236,6 +236,15 @@ _LINEAR_POINTWISE = frozenset(
     """add sub rsub neg positive where clone _to_copy copy alias lift_fresh contiguous
     masked_fill _conj real complex""".split()
 )
+# Piecewise-linear elementwise ops of real arguments: their second derivative is zero
+# wherever they have one, and torch's double backward through them is zero everywhere
+# (their derivatives are masks and signs, constants to autograd). A Hessian gains no
+# pairs at them, as at a linear op: an L1 or total-variation term |x[i+1] - x[i]| beside
+# x**2 took a tridiagonal Hessian pattern (3 products) where torch's is diagonal (1).
+_PIECEWISE_LINEAR = frozenset(
+    """abs relu hardtanh clamp clamp_min clamp_max clip threshold maximum minimum fmax fmin max min
+    leaky_relu hardshrink softshrink hardsigmoid fmod remainder copysign""".split()
+)
 # Elementwise ops (over broadcast arguments) that aten does not tag pointwise.
 _UNTAGGED_POINTWISE = frozenset(
     """complex polar _prelu_kernel log_sigmoid_forward hardswish elu_backward softplus_backward
@@ -1002,7 +1011,8 @@ class _Tracer:
             linear_mul = name == "mul" and len(operands) == 1
             # x ** 1 is x, x ** 0 a constant: no second derivative
             linear_pow = name == "pow" and len(args) >= 2 and args[0] is first and _exponent(args[1]) in (0, 1)
-            if name in _LINEAR_POINTWISE or linear_div or linear_mul or linear_pow:
+            piecewise = name in _PIECEWISE_LINEAR and not any(a.is_complex() for a in operands)  # (|z| is not)
+            if name in _LINEAR_POINTWISE or linear_div or linear_mul or linear_pow or piecewise:
                 pass
             elif name == "mul" and len(per) == 2:
                 parts.append(self.pairs(per[0], per[1]))
