@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import socket
 import threading
-import time
 import tracemalloc
 from typing import Any, Iterator
 
@@ -279,10 +278,13 @@ def test_a_client_holding_every_connection_leaves_room_for_the_next() -> None:
     being answered (an idle keep-alive or a head still coming), and where every one has a
     request in progress, the new one gets 503 with Retry-After."""
     release = threading.Event()
+    slow: list[str] = []  # (the /slow requests the app has begun: each in progress)
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
+        if scope["path"] == "/slow":
+            slow.append(scope["path"])
         while scope["path"] == "/slow" and not release.is_set():
             await asyncio.sleep(0.01)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
@@ -311,7 +313,10 @@ def test_a_client_holding_every_connection_leaves_room_for_the_next() -> None:
         try:
             for s in busy:
                 _get(s, "/slow")
-            time.sleep(0.3)  # their requests are in progress
+            # Their requests in progress (the app has begun each): not a fixed 0.3 s, which
+            # a loaded machine can outlast with a head still unread, an idle connection the
+            # new one would rightly have closed to make room (200, not 503).
+            assert _wait_for(lambda: len(slow) == 3, 10), slow
             with socket.create_connection(address) as s:
                 answer = _read_to_close(s, 5)
             head, _, body = answer.partition(b"\r\n\r\n")
