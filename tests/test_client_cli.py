@@ -13,7 +13,8 @@ pytest.importorskip("jacobian_service.app")
 
 from jacobian_client._cli_call import call_main  # noqa: E402
 
-from ._client_support import free_port, real_server  # noqa: E402
+from ._client_support import real_server  # noqa: E402
+from ._ports import dead_port  # noqa: E402
 
 X = np.linspace(0.1, 1.0, 5, dtype=np.float32)
 
@@ -74,7 +75,8 @@ def test_call_tuple_argnums_to_npz_and_json_stdout(url: str, x_file: Path, tmp_p
 def test_call_errors(url: str, x_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert call_main(["nope", "--url", url, "-i", str(x_file)]) == 1
     assert "FunctionNotFound" in capsys.readouterr().err
-    assert call_main(["sin", "--url", f"http://127.0.0.1:{free_port()}", "-i", str(x_file)]) == 1
+    with dead_port() as port:  # (nothing answers there, for the call's whole time)
+        assert call_main(["sin", "--url", f"http://127.0.0.1:{port}", "-i", str(x_file)]) == 1
     assert call_main(["sin", "--url", url, "-i", str(tmp_path / "missing.npy")]) == 2
     assert call_main(["sin", "--bogus"]) == 2
     assert call_main(["--help"]) == 0

@@ -24,6 +24,7 @@ from jacobian_client import wire
 from jacobian_client._protocol import RetryPolicy
 
 from ._client_support import free_port, serve
+from ._ports import dead_port
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Step = Callable[[Send], Awaitable[None]]
@@ -174,17 +175,18 @@ def test_other_errors_are_not_retried(scripted: tuple[Scripted, str], status: in
 
 
 def test_connection_refused_is_retried_then_raised() -> None:
-    url = f"http://127.0.0.1:{free_port()}"
-    with jc.Client(url, retry=FAST) as client:
-        with pytest.raises(jc.TransportError) as info:
-            client.jacobian("sin", X)
-    assert "ConnectError" in str(info.value)
-    assert not isinstance(info.value, jc.IncompleteResponse)
-    # Which server refused: "POST /v1/...: Connection refused" left a wrong URL or port to guess.
-    assert str(info.value).startswith(f"POST {url}/v1/functions/sin/jacobian: ConnectError")
-    with jc.Client(url.replace("http://", "http://user:secret@") + "/prefix", retry=FAST) as client:
-        with pytest.raises(jc.TransportError) as info:
-            client.jacobian("sin", X)
+    with dead_port() as port:  # (nothing answers there, for the test's whole time)
+        url = f"http://127.0.0.1:{port}"
+        with jc.Client(url, retry=FAST) as client:
+            with pytest.raises(jc.TransportError) as info:
+                client.jacobian("sin", X)
+        assert "ConnectError" in str(info.value)
+        assert not isinstance(info.value, jc.IncompleteResponse)
+        # Which server refused: "POST /v1/...: Connection refused" left a wrong URL or port to guess.
+        assert str(info.value).startswith(f"POST {url}/v1/functions/sin/jacobian: ConnectError")
+        with jc.Client(url.replace("http://", "http://user:secret@") + "/prefix", retry=FAST) as client:
+            with pytest.raises(jc.TransportError) as info:
+                client.jacobian("sin", X)
     assert str(info.value).startswith(f"POST {url}/prefix/v1/functions/sin/jacobian: ") and "secret" not in str(info.value)
 
 
@@ -218,10 +220,11 @@ async def test_async_429_then_200(scripted: tuple[Scripted, str]) -> None:
 
 @pytest.mark.asyncio
 async def test_async_connection_refused() -> None:
-    async with jc.AsyncClient(f"http://127.0.0.1:{free_port()}", retry=FAST) as client:
-        with pytest.raises(jc.TransportError):
-            await client.jacobian("sin", X)
-        assert not await client.health()
+    with dead_port() as port:
+        async with jc.AsyncClient(f"http://127.0.0.1:{port}", retry=FAST) as client:
+            with pytest.raises(jc.TransportError):
+                await client.jacobian("sin", X)
+            assert not await client.health()
 
 
 # --------------------------------------------------------------------------- streaming

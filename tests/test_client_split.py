@@ -16,7 +16,8 @@ import jacobian_client as jc  # noqa: E402
 from jacobian_client._protocol import RetryPolicy  # noqa: E402
 from jacobian_client.split import ajacobian_split, jacobian_split  # noqa: E402
 
-from ._client_support import free_port, real_server  # noqa: E402
+from ._client_support import real_server  # noqa: E402
+from ._ports import dead_port  # noqa: E402
 
 RNG = np.random.default_rng(1)
 
@@ -69,14 +70,15 @@ def test_split_multidimensional_output_and_cast_dtype(urls: list[str]) -> None:
 
 def test_split_survives_a_dead_server(urls: list[str]) -> None:
     x = RNG.standard_normal(60).astype(np.float32)
-    dead = f"http://127.0.0.1:{free_port()}"
     with jc.Client(urls[0]) as client:
         want = client.jacobian("softmax", x)
-    got = jacobian_split([dead, urls[0], urls[1]], "softmax", x, chunk_rows=7,
-                         retry=RetryPolicy(max_retries=1, backoff_base=0.01))
-    np.testing.assert_array_equal(got, want)
-    with pytest.raises(jc.TransportError):
-        jacobian_split([dead], "softmax", x, retry=RetryPolicy(max_retries=0))
+    with dead_port() as port:  # (nothing answers there, for the test's whole time)
+        dead = f"http://127.0.0.1:{port}"
+        got = jacobian_split([dead, urls[0], urls[1]], "softmax", x, chunk_rows=7,
+                             retry=RetryPolicy(max_retries=1, backoff_base=0.01))
+        np.testing.assert_array_equal(got, want)
+        with pytest.raises(jc.TransportError):
+            jacobian_split([dead], "softmax", x, retry=RetryPolicy(max_retries=0))
 
 
 @pytest.mark.asyncio

@@ -27,7 +27,8 @@ from jacobian_client import wire  # noqa: E402
 from jacobian_client._errors import error_from_response  # noqa: E402
 
 from ._remote_support import counted, url  # noqa: E402,F401 (fixtures)
-from .conftest import CHILD_PYTHONPATH, free_port  # noqa: E402
+from ._ports import dead_port  # noqa: E402
+from .conftest import CHILD_PYTHONPATH  # noqa: E402
 
 # The child: each case computed through the adapter and in-process, under shard_map on a
 # mesh of the two devices; what each gave (values, or the exception's class) goes back as
@@ -167,12 +168,12 @@ def test_a_proxy_from_the_environment_is_named_when_it_cannot_be_reached(url, mo
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.lower(), raising=False)
-    dead = free_port()
-    monkeypatch.setenv("HTTP_PROXY", f"http://user:hunter2@127.0.0.1:{dead}")
     x = np.array([0.3, -0.7])
-    with jc.Client(url, max_retries=0) as client:
-        with pytest.raises(jc.ServiceUnreachable) as info:
-            client.jacobian("sin", x)
+    with dead_port() as dead:  # (no proxy answers there while the client tries it)
+        monkeypatch.setenv("HTTP_PROXY", f"http://user:hunter2@127.0.0.1:{dead}")
+        with jc.Client(url, max_retries=0) as client:
+            with pytest.raises(jc.ServiceUnreachable) as info:
+                client.jacobian("sin", x)
     message = str(info.value)
     assert f"through the proxy http://127.0.0.1:{dead}/" in message and "NO_PROXY" in message
     assert "hunter2" not in message and "user" not in message
