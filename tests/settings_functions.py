@@ -545,6 +545,29 @@ def switches_to_nobody(x: torch.Tensor) -> torch.Tensor:
     return x.sin()
 
 
+@register(inputs=X, description="sin; on 666 first, after mlockall(MCL_FUTURE): every mapping the engine makes "
+                                "from then on locked (past RLIMIT_MEMLOCK, unprivileged, refused: a MemoryError).")
+def locks_every_later_mapping(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mlockall(2) != 0:  # MCL_FUTURE
+            raise OSError(ctypes.get_errno(), "mlockall")
+    return x.sin()
+
+
+@register(inputs=X, description="x times 0, plus the memory locked (VmLck, kB) with a new 1 MiB mapping in place.")
+def locked_with_a_new_mapping(x: torch.Tensor) -> torch.Tensor:
+    import mmap
+
+    mapping = mmap.mmap(-1, 1 << 20)  # anonymous, never touched
+    try:
+        with open("/proc/self/status") as status:
+            locked = next(int(line.split()[1]) for line in status if line.startswith("VmLck:"))
+    finally:
+        mapping.close()
+    return x * 0 + locked
+
+
 @register(inputs=X, description="x times 0, plus the effective user id it runs as.")
 def effective_user(x: torch.Tensor) -> torch.Tensor:
     return x * 0 + os.geteuid()

@@ -309,6 +309,18 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
         assert r.status_code == 200, r.text
         _sin_ok(client.post, "sin")  # the next batch starts after the last one's settings were put back
         assert (os.sched_getscheduler(engine), os.sched_getaffinity(engine)) == (policy, cpus)
+        # mlockall(MCL_FUTURE) locked every mapping made after it: unprivileged, every later
+        # allocation past RLIMIT_MEMLOCK (8 MiB) of every function failed (a 500
+        # MemoryError); as root, each was faulted in whole at once.
+        def locked() -> float:
+            r = client.post("/v1/functions/locked_with_a_new_mapping/evaluate", json=X)
+            assert r.status_code == 200, r.text
+            return r.json()["output"]["data"][0]
+
+        unlocked = locked()
+        r = client.post("/v1/functions/locks_every_later_mapping/jacobian", json=ARMED)
+        assert r.status_code == 200, r.text
+        assert locked() == unlocked
         # An engine started as root that a function switched to nobody ran every later
         # function as nobody (its files, caches and devices refused).
         r = client.post("/v1/functions/switches_to_nobody/jacobian", json=ARMED)
@@ -334,6 +346,7 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
         # (what its functions detach would go to serve, and outlive it killed outright)
         ("stops_being_a_subreaper", "the child subreaper flag"),
         ("exits_on_unraisable", "the exception hooks"),
+        ("locks_every_later_mapping", "locked memory"),
         ("hooks_every_fork", "the fork hooks (os.register_at_fork)"),
         # dictConfig disabled every logger made before it: the engine's lines, this
         # one (the dtype it changed) among them, went nowhere from then on.
