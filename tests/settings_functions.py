@@ -568,6 +568,20 @@ def locked_with_a_new_mapping(x: torch.Tensor) -> torch.Tensor:
     return x * 0 + locked
 
 
+@register(inputs=X, description="sin; on 666 first, where the engine may (root), after entering namespaces of its "
+                                "own (unshare: network, host name, mounts) and naming the host, the second input 1; "
+                                "changing its root (chroot), 2.")
+def enters_namespaces(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        if float(x[1]) == 1.0:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.unshare(0x40000000 | 0x04000000 | 0x00020000) == 0:  # CLONE_NEWNET | CLONE_NEWUTS | CLONE_NEWNS
+                socket.sethostname("enters-namespaces")
+        elif os.geteuid() == 0:
+            os.chroot(os.environ.get("TMPDIR", "/tmp"))
+    return x.sin()
+
+
 @register(inputs=X, description="x times 0, plus the effective user id it runs as.")
 def effective_user(x: torch.Tensor) -> torch.Tensor:
     return x * 0 + os.geteuid()

@@ -321,6 +321,19 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
         r = client.post("/v1/functions/locks_every_later_mapping/jacobian", json=ARMED)
         assert r.status_code == 200, r.text
         assert locked() == unlocked
+        # An engine run as root: unshare(CLONE_NEWNET) left every later function's network
+        # unreachable, CLONE_NEWUTS and sethostname every later gethostname the function's,
+        # chroot every later import of a module not yet loaded refused (the engine left
+        # after, by chance: its socket file was out of its sight). Put back, the same engine.
+        engine = client.get("/v1/info").json()["engine_pids"][0]
+        for how in (1.0, 2.0):
+            r = client.post("/v1/functions/enters_namespaces/jacobian", json={"inputs": [[666.0, how, 0.0]]})
+            assert r.status_code == 200, r.text
+            _sin_ok(client.post, "sin")
+            assert client.get("/v1/info").json()["engine_pids"][0] == engine, how
+            for name in ("net", "uts", "mnt"):
+                assert os.stat(f"/proc/{engine}/task/{engine}/ns/{name}").st_ino == os.stat(f"/proc/self/ns/{name}").st_ino
+            assert os.readlink(f"/proc/{engine}/root") == "/"
         # An engine started as root that a function switched to nobody ran every later
         # function as nobody (its files, caches and devices refused).
         r = client.post("/v1/functions/switches_to_nobody/jacobian", json=ARMED)
@@ -347,6 +360,7 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
         ("stops_being_a_subreaper", "the child subreaper flag"),
         ("exits_on_unraisable", "the exception hooks"),
         ("locks_every_later_mapping", "locked memory"),
+        *([("enters_namespaces", "the root directory or namespaces")] if os.geteuid() == 0 else []),
         ("hooks_every_fork", "the fork hooks (os.register_at_fork)"),
         # dictConfig disabled every logger made before it: the engine's lines, this
         # one (the dtype it changed) among them, went nowhere from then on.

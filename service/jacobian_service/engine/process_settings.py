@@ -48,6 +48,9 @@ every function, for as long as the engine lives. Measured or reproduced:
 - memory locking: ``mlockall(MCL_FUTURE)`` locked every mapping made after it, and, run
   unprivileged, every later allocation of every function past ``RLIMIT_MEMLOCK`` (8 MiB)
   failed (a 507 ``out_of_memory``); as root, each was faulted in whole at once;
+- in an engine run as root, its root directory and namespaces (``chroot``,
+  ``unshare(CLONE_NEWNET)``: every later function's network unreachable; ``CLONE_NEWUTS``
+  and ``sethostname``: every later ``gethostname`` the function's);
 - torch.nn's global module hooks (one doubling every output doubled every later
   ``nn.Module``'s Jacobian, silently), fork hooks (``os.register_at_fork``: one ending the
   child ran in every later function's ``os.fork``, whose children all exited at once) and the thread's timer slack (30 s of it made the
@@ -854,6 +857,7 @@ def _stdio() -> tuple[Any, ...]:
                 _SAVED_STDIO.append(os.dup(fd))  # not inherited by children (O_CLOEXEC)
             except OSError:  # started closed: nothing to keep
                 _SAVED_STDIO.append(-1)
+        _SAVED_STDIO.extend(_PLACES)  # (the root's and namespaces' kept descriptors: closed with them, as surely)
         for fd in _SAVED_STDIO:
             if fd >= 0:
                 _SAVED_POLL.register(fd, 0)
@@ -1388,6 +1392,92 @@ def _put_credentials(taken: _Credentials) -> None:
         raise PermissionError(errno.EPERM, "capabilities given up cannot be taken back")
 
 
+# The root directory and the namespaces of the engine's thread, which an engine with the
+# privilege (run as root: CAP_SYS_ADMIN, CAP_SYS_CHROOT) lets a function change for every
+# later function: ``unshare(CLONE_NEWNET)`` through ctypes left every later function's
+# network unreachable ("Network is unreachable", loopback too), ``CLONE_NEWUTS`` and
+# ``sethostname`` every later ``gethostname`` the function's, ``CLONE_NEWNS`` and a
+# ``mount`` over a directory every later function's files there the function's, and
+# ``chroot`` every later import and open of a path outside its new root refused. Read only
+# where the engine may change them (no user namespace can be entered by a process of
+# several threads, as an engine is, so nothing else can): five ``stat`` calls of /proc
+# (~15 us), through a descriptor of the thread's own /proc directory, which a ``chroot``
+# or a mount over /proc does not move. Put back through descriptors kept of each
+# namespace and of the root (``setns``; ``fchdir`` and ``chroot(".")``), checked to be
+# the ones taken (a function may put other files at their numbers).
+_NAMESPACES = (("ns/mnt", 0x00020000), ("ns/net", 0x40000000), ("ns/uts", 0x04000000), ("ns/ipc", 0x08000000))
+_CAP_SYS_CHROOT, _CAP_SYS_ADMIN = 18, 21
+_PLACES: list[int] = []  # the thread's /proc directory, the root, then each namespace's (kept by ``_keep_places``)
+
+
+def _may_move() -> bool:
+    """Whether this process may change its root or namespaces (the capabilities it may
+    take up: permitted, not only effective)."""
+    try:
+        permitted = int(_status(b"CapPrm") or b"0", 16)
+    except ValueError:
+        return False
+    return bool(permitted & ((1 << _CAP_SYS_CHROOT) | (1 << _CAP_SYS_ADMIN)))
+
+
+def _keep_places() -> None:
+    """Keep descriptors of this thread's /proc directory, root and namespaces (an engine
+    process's main thread with the privilege to change them; else none, nothing read)."""
+    if _PLACES or not _may_move():
+        return
+    kept: list[int] = []
+    try:
+        # (not O_PATH: ``_stdio`` polls them with the engine's own, and poll takes an O_PATH one for closed)
+        kept.append(os.open(f"/proc/self/task/{threading.get_native_id()}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        kept.append(os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        kept.extend(os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=kept[0]) for name, _ in _NAMESPACES)
+    except OSError as exc:  # no /proc: nothing to read them by
+        log.debug("the root and namespaces not watched: %s", exc)
+        for fd in kept:
+            os.close(fd)
+        return
+    _PLACES.extend(kept)
+
+
+def _places() -> tuple[Any, ...]:
+    """The thread's root (device, inode) and each namespace's inode now; () where not kept."""
+    if not _PLACES:
+        return ()
+    task = _PLACES[0]
+    try:
+        root = os.stat("root", dir_fd=task)
+        return ((root.st_dev, root.st_ino), *(os.stat(name, dir_fd=task).st_ino for name, _ in _NAMESPACES))
+    except OSError as exc:
+        if exc.errno in (errno.EBADF, errno.ENOTDIR):
+            # Closed (``os.closerange``): unknown, and the engine's own descriptors setting's
+            # to name (it polls these with its own), not a root or namespace changed.
+            raise _NoDescriptor() from exc
+        raise
+
+
+def _put_places(taken: tuple[Any, ...]) -> None:
+    """Each namespace that differs entered again (the mount namespace first: entering one
+    moves the root and the working directory to its root), then the root (the working
+    directory is put back after: ``the working directory``, a later setting)."""
+    now = _places()
+    setns = ctypes.CDLL(None, use_errno=True).setns
+    for (name, kind), fd, was, is_ in zip(_NAMESPACES, _PLACES[2:], taken[1:], now[1:]):
+        if was == is_:
+            continue
+        if os.fstat(fd).st_ino != was:
+            raise OSError(errno.EBADF, f"the descriptor kept of {name} is another file now")
+        if setns(fd, kind) != 0:
+            raise OSError(ctypes.get_errno(), f"setns({name})")
+    if _places()[0] != taken[0]:
+        kept = os.fstat(_PLACES[1])
+        if (kept.st_dev, kept.st_ino) != taken[0]:
+            raise OSError(errno.EBADF, "the descriptor kept of the root is another file now")
+        os.fchdir(_PLACES[1])
+        os.chroot(".")
+    if _places() != taken:
+        raise OSError(errno.EPERM, "the root or a namespace still differs")
+
+
 _PR_GET_MDWE = 66
 
 
@@ -1740,6 +1830,13 @@ _SERVICE_LOGGING = _Setting("the service's own loggers (their level, handlers, f
 # changed; the engine left, naming the function for "a seccomp filter, which cannot be
 # put back", at each of its calls.
 _RESOURCE_LIMITS = _Setting("resource limits", _limits, _put_limits)
+# Third, before the settings of paths (the working directory): a root or mount namespace
+# moved makes them read as changed, and each would be put back, or fail to be, in the
+# wrong file system.
+_PLACES_SETTING = _Setting("the root directory or namespaces (chroot, unshare, setns)", _places, _put_places,
+                           shown=(lambda now, taken: "another " + ", ".join(
+                               name for name, a, b in zip(("root", *(n[3:] for n, _ in _NAMESPACES)), now, taken)
+                               if a != b), "the engine's own"))
 
 
 def _shown(value: Any, other: Any, taken: bool = False) -> Any:
@@ -1776,12 +1873,14 @@ class ProcessSettings:
     the whole process (signals, timers, limits...) are its to keep too."""
 
     def __init__(self, own_process: bool = False) -> None:
-        self._settings = (_SERVICE_LOGGING, _RESOURCE_LIMITS, *_SETTINGS, *_OWN_PROCESS_SETTINGS,
+        self._settings = (_SERVICE_LOGGING, _RESOURCE_LIMITS, _PLACES_SETTING, *_SETTINGS, *_OWN_PROCESS_SETTINGS,
                           *_library_settings()) if own_process else _SETTINGS
         self._own_process = own_process
         if own_process:
             keep_status_open()
             _LOCK_PROBE.remake()
+            if threading.get_native_id() == os.getpid():  # (the thread the batches run on)
+                _keep_places()
         _STATUS.clear()
         KERNELS.take()
         self._taken = [_read(s) for s in self._settings]
