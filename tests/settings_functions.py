@@ -582,6 +582,14 @@ def enters_namespaces(x: torch.Tensor) -> torch.Tensor:
     return x.sin()
 
 
+@register(inputs=X, description="sin; on 666 first, after changing its execution domain (personality: UNAME26, "
+                                "every later uname names kernel 2.6; READ_IMPLIES_EXEC).")
+def changes_its_personality(x: torch.Tensor) -> torch.Tensor:
+    if _armed(x):
+        ctypes.CDLL(None, use_errno=True).personality(0x0020000 | 0x0400000)
+    return x.sin()
+
+
 @register(inputs=X, description="x times 0, plus the effective user id it runs as.")
 def effective_user(x: torch.Tensor) -> torch.Tensor:
     return x * 0 + os.geteuid()

@@ -321,6 +321,12 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
         r = client.post("/v1/functions/locks_every_later_mapping/jacobian", json=ARMED)
         assert r.status_code == 200, r.text
         assert locked() == unlocked
+        # personality(UNAME26): every later function's os.uname() named kernel 2.6.
+        r = client.post("/v1/functions/changes_its_personality/jacobian", json=ARMED)
+        assert r.status_code == 200, r.text
+        _sin_ok(client.post, "sin")
+        with open(f"/proc/{engine}/personality") as personality:
+            assert int(personality.read(), 16) == 0
         # An engine run as root: unshare(CLONE_NEWNET) left every later function's network
         # unreachable, CLONE_NEWUTS and sethostname every later gethostname the function's,
         # chroot every later import of a module not yet loaded refused (the engine left
@@ -360,6 +366,7 @@ def test_signals_timers_hooks_and_limits_a_function_leaves_are_put_back_in_an_en
         ("stops_being_a_subreaper", "the child subreaper flag"),
         ("exits_on_unraisable", "the exception hooks"),
         ("locks_every_later_mapping", "locked memory"),
+        ("changes_its_personality", "the execution domain"),
         *([("enters_namespaces", "the root directory or namespaces")] if os.geteuid() == 0 else []),
         ("hooks_every_fork", "the fork hooks (os.register_at_fork)"),
         # dictConfig disabled every logger made before it: the engine's lines, this

@@ -48,6 +48,8 @@ every function, for as long as the engine lives. Measured or reproduced:
 - memory locking: ``mlockall(MCL_FUTURE)`` locked every mapping made after it, and, run
   unprivileged, every later allocation of every function past ``RLIMIT_MEMLOCK`` (8 MiB)
   failed (a 507 ``out_of_memory``); as root, each was faulted in whole at once;
+- the execution domain (``personality(UNAME26)``: every later ``os.uname()`` named
+  kernel 2.6.78; ``READ_IMPLIES_EXEC``: every later readable mapping executable);
 - in an engine run as root, its root directory and namespaces (``chroot``,
   ``unshare(CLONE_NEWNET)``: every later function's network unreachable; ``CLONE_NEWUTS``
   and ``sethostname``: every later ``gethostname`` the function's);
@@ -1478,6 +1480,32 @@ def _put_places(taken: tuple[Any, ...]) -> None:
         raise OSError(errno.EPERM, "the root or a namespace still differs")
 
 
+
+# The execution domain (``personality(2)``, the thread's): ``UNAME26`` made every later
+# function's ``os.uname()`` (``platform.release()``) name kernel 2.6.78 for 6.18.44, to
+# every library that checks it for a feature; ``READ_IMPLIES_EXEC`` made every later
+# readable mapping of every function executable too. One call reads it (~0.6 us).
+_PERSONALITY_QUERY = 0xFFFFFFFF
+
+
+def _personality() -> int:
+    libc = _libc_calls()
+    return int(libc.personality(_PERSONALITY_QUERY)) if libc is not None else 0
+
+
+def _put_personality(taken: int) -> None:
+    libc = _libc_calls()
+    if libc is not None:
+        libc.personality(taken)
+
+
+@functools.cache
+def _libc_calls() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:  # not Linux
+        return None
+
 _PR_GET_MDWE = 66
 
 
@@ -1714,6 +1742,7 @@ _OWN_PROCESS_SETTINGS: tuple[_Setting, ...] = (
     _Setting("the umask", _umask, os.umask, status=((b"Umask", b"Umask"),)),
     _Setting("the timer slack (prctl PR_SET_TIMERSLACK)", _timer_slack, _put_timer_slack),
     _Setting("the child subreaper flag (prctl PR_SET_CHILD_SUBREAPER)", _subreaper, _put_subreaper),
+    _Setting("the execution domain (personality: UNAME26, READ_IMPLIES_EXEC)", _personality, _put_personality),
     # (more locked than taken: a function may unlock what it likes; compared as its status line)
     _Setting("locked memory (mlock, mlockall: MCL_FUTURE locks every later allocation)", _locked, _unlock,
              operator.gt, status=((b"VmLck", b"VmLck"),), shown=(_locked_shown, "none of the function's (munlockall)")),
