@@ -233,25 +233,35 @@ def test_a_left_thread_that_rebinds_within_another_function_s_batch_gets_it_no_b
     and puts back ``torch.sin`` in its own batch: learnt as its own for every function's
     batches, that had the thread's doubling pass unseen.)"""
     url, proc = server
-    start, pid = len(proc.read_log()), _engine_pid(http, url)  # type: ignore[attr-defined]
-    r = _armed(http, url, "arms50", case)
-    assert r.status_code == 200, r.text
-    hit = None
-    for _ in range(60):
-        r = http.post(f"{url}/v1/functions/{victim}/evaluate",
-                      json={"inputs": [{"dtype": "float64", "shape": [3], "data": X}]})
-        if r.status_code != 200:
-            hit = r
-            break
-        np.testing.assert_allclose(r.json()["output"]["data"], SIN, rtol=1e-12)
-        time.sleep(0.05)
-    assert hit is not None, "the waiting thread never acted"
-    body = hit.json()
-    assert hit.status_code == 503 and body["code"] == "unavailable", body  # (before: 500 naming victim50)
-    assert hit.headers.get("retry-after") == "1", hit.headers
-    assert victim not in body["detail"] and "Traceback" not in hit.text, body
     said = f"the engine restarts: a thread or process left by one of arms50 {said}"
-    log = _log_until(proc, start, said)
+    # The thread polls every 1 ms for slow50's frame, which calls torch.sin 20 ms in: where
+    # a loaded machine (the full suite, load 12) woke it only after that call, its doubler
+    # was never called to put the name back, and the batch ended with the name left
+    # rebound: case 7's answer, rightly given. Case 8 is then armed again, twice at most.
+    late = f"the engine restarts: a thread or process left by one of arms50 rebound or deleted names in torch (sin) during a batch of {victim}"
+    for attempt in range(3):
+        start, pid = len(proc.read_log()), _engine_pid(http, url)  # type: ignore[attr-defined]
+        r = _armed(http, url, "arms50", case)
+        assert r.status_code == 200, r.text
+        hit = None
+        for _ in range(60):
+            r = http.post(f"{url}/v1/functions/{victim}/evaluate",
+                          json={"inputs": [{"dtype": "float64", "shape": [3], "data": X}]})
+            if r.status_code != 200:
+                hit = r
+                break
+            np.testing.assert_allclose(r.json()["output"]["data"], SIN, rtol=1e-12)
+            time.sleep(0.05)
+        assert hit is not None, "the waiting thread never acted"
+        body = hit.json()
+        assert hit.status_code == 503 and body["code"] == "unavailable", body  # (before: 500 naming victim50)
+        assert hit.headers.get("retry-after") == "1", hit.headers
+        assert victim not in body["detail"] and "Traceback" not in hit.text, body
+        log = _log_until(proc, start, lambda log: said in log or late in log)
+        if said not in log and late in log and case == 8 and attempt < 2:
+            _replaced(http, url, pid, 30, "the engine whose batch a left thread acted in")
+            continue
+        break
     assert said in log, log[-3000:]
     _replaced(http, url, pid, 30, "the engine whose batch a left thread acted in")
     for _ in range(5):  # (the thread went with its engine)
