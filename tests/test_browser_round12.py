@@ -162,6 +162,50 @@ def test_what_the_connection_answers_varies_on_anything(guarded):
         assert (b"access-control-allow-origin", b" " + ORIGIN.encode()) in [(k.lower(), v) for k, _, v in fields]
 
 
+def test_a_431_finds_the_origin_after_a_url_or_header_line_of_any_size_a_browser_sends(guarded):
+    """A page's GET whose query passed 64 KiB (Chromium sends URLs up to 2 MiB, its Origin
+    after them), or one header line past it (the gateway passes 64 KiB lines), read
+    "Failed to fetch": the connection kept the rest of the head it read for the Origin,
+    at most twice the head limit, and the Origin past that was never seen: a 431 with no
+    CORS headers. Now the rest is read, each long line dropped as it comes, up to
+    connections.REFUSAL_READ_BYTES (the test below: its bounds), and what follows the
+    head is never read as one of its lines."""
+    origin = b"Origin: %s\r\n" % ORIGIN.encode()
+    allowed = (b"access-control-allow-origin", b" " + ORIGIN.encode())
+    for before in (b"GET /v1/functions?q=%s HTTP/1.1\r\nHost: t\r\n" % (b"a" * (1 << 20)),
+                   b"GET /v1/functions HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer %s\r\n" % (b"a" * (300 << 10))):
+        head = _exchange(guarded, before + b"User-Agent: Mozilla/5.0\r\n" + origin + b"\r\n")
+        assert head[0].split()[1] == b"431", head
+        assert allowed in [(k.lower(), v) for k, _, v in (line.partition(b":") for line in head[1:])], head
+    # What follows the head's end is never read as one of its lines.
+    head = _exchange(guarded, b"POST / HTTP/1.1\r\nX-Big: %s\r\nContent-Length: 50\r\n\r\n%sxx"
+                     % (b"a" * (300 << 10), origin))
+    assert head[0].split()[1] == b"431", head
+    assert not [line for line in head if line.lower().startswith(b"access-control-")], head
+
+
+def test_the_origin_skim_of_a_refused_head_is_bounded():
+    """The skim that reads a refused head's rest for its Origin (above) keeps no long line
+    and looks at a browser's worth of lines: one piece at a time, each dropped."""
+    from jacobian_service.connections import REFUSAL_LINE_BYTES, REFUSAL_LINES, REFUSAL_READ_BYTES, _OriginSkim
+
+    origin = b"Origin: %s\r\n" % ORIGIN.encode()
+    skim = _OriginSkim(b"rt of a request line\r\nOrig")  # (begins in a line: a part, skipped)
+    for piece in (b"in: %s\r\nX-A: 1\r" % ORIGIN.encode(), b"\n", b"a" * 100_000, b"\r\n\r", b"\n", b"not read"):
+        if skim.feed(piece):
+            break
+    assert (skim.origins, piece) == ([ORIGIN.encode()], b"\n")
+    skim = _OriginSkim(b"Origin: http://part.example\r\n" + b"a: b\r\n" * REFUSAL_LINES)
+    assert skim.feed(origin) and skim.origins == []  # (a line more than its bound)
+    skim = _OriginSkim(b"\n")
+    for _ in range(2 * REFUSAL_LINE_BYTES):
+        skim.feed(b"a")
+    assert len(skim.line) == 0 and not skim.feed(b"\r\n" + origin) and skim.origins == [ORIGIN.encode()]
+    skim = _OriginSkim(b"\nOrigin: " + b"a" * REFUSAL_LINE_BYTES + b"\r\n")  # longer than any origin
+    assert skim.origins == [] and not skim.feed(b"a" * (REFUSAL_READ_BYTES - skim.read - 1))
+    assert skim.feed(b"a") and len(skim.line) == 0
+
+
 def test_a_websocket_handshake_writes_no_warning(guarded):
     """A page's ``new WebSocket(...)`` (any page: a handshake asks no preflight), or curl's
     h2c upgrade, is served as the GET it also is; uvicorn logged two warnings for each,

@@ -974,6 +974,62 @@ LATE_READ_S = 1.0
 # holding a descriptor (past them, refused at once and closed, as before).
 REFUSAL_WAIT_S = 1.0
 REFUSALS_WAITING = 32
+# While it waits, the rest of such a head is read for its Origin line only, whatever
+# comes before it: up to this many bytes (a browser sends a URL of up to 2 MiB, Chrome's
+# limit, and the gateway passes header lines of up to 64 KiB), each dropped as it is
+# read past the line it is in; at most REFUSAL_LINES lines of it looked at (a browser's
+# head has a few dozen), and none kept past REFUSAL_LINE_BYTES (an Origin is far shorter).
+REFUSAL_READ_BYTES = (2 << 20) + (64 << 10)
+REFUSAL_LINES = 2 * MAX_HEADER_FIELDS
+REFUSAL_LINE_BYTES = 4096
+
+
+class _OriginSkim:
+    """The rest of a refused head, read for its ``Origin`` values and its end only: the
+    line it begins in is skipped (a part: the request line's, or a header's past the
+    limit), and so is every line longer than REFUSAL_LINE_BYTES, unkept. Before, the
+    bytes read were kept, up to twice the head limit: the Origin after a URL of 40 KB
+    was found, after one of 70 KB (a GET's query, sent by a page) it was not, and the
+    431 carried no CORS headers: the page read "Failed to fetch"."""
+
+    __slots__ = ("line", "skipping", "origins", "read", "lines")
+
+    def __init__(self, start: bytes | bytearray = b"") -> None:
+        self.line = bytearray()
+        self.skipping = True
+        self.origins: list[bytes] = []
+        self.read = self.lines = 0
+        self.feed(start)
+
+    def feed(self, data: bytes | bytearray) -> bool:
+        """Reads ``data``; True once no more need be read: the head's blank line seen,
+        or its bounds reached."""
+        self.read += len(data)
+        pos = 0
+        while True:
+            nl = data.find(b"\n", pos)
+            if self.lines >= REFUSAL_LINES:  # (a browser's head has far fewer)
+                return True
+            if nl < 0:
+                if not self.skipping:
+                    self.line += data[pos:pos + REFUSAL_LINE_BYTES + 1 - len(self.line)]
+                    if len(self.line) > REFUSAL_LINE_BYTES:
+                        self.line.clear()
+                        self.skipping = True
+                break
+            if not self.skipping:
+                self.line += data[pos:min(nl, pos + REFUSAL_LINE_BYTES + 1 - len(self.line))]
+                if len(self.line) <= REFUSAL_LINE_BYTES:
+                    if self.line in (b"", b"\r"):  # the blank line: the head's end
+                        return True
+                    name, colon, value = bytes(self.line).partition(b":")
+                    if colon and name.lower() == b"origin":
+                        self.origins.append(value.strip())
+            self.line.clear()
+            self.skipping = False
+            self.lines += 1
+            pos = nl + 1
+        return self.read >= REFUSAL_READ_BYTES
 
 
 def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type | None = None,
@@ -1090,13 +1146,13 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             # REFUSAL_WAIT_S: a page of an allowed origin can read the 503 only with the
             # CORS headers of its Origin (at once, it read "Failed to fetch").
             waiting.add(self)
-            self._refusal = (refusal, bytearray(), self.loop.call_later(REFUSAL_WAIT_S, self._refuse_waiting))
+            self._refusal = (refusal, _OriginSkim(), self.loop.call_later(REFUSAL_WAIT_S, self._refuse_waiting))
 
         def _refuse_head(self, error: ServiceError, origins: list[bytes], scan: bytes) -> None:
             """A head refused before its end (431): where its Origin has not come yet (a
             browser writes it after the page's own headers: a 70 KB bearer token), the
             rest of the head is read for it, as a refusal for the cap is (at most
-            ``max_header_bytes`` more, ``REFUSAL_WAIT_S``), and the answer carries the CORS
+            ``REFUSAL_READ_BYTES`` more, ``REFUSAL_WAIT_S``), and the answer carries the CORS
             headers a page reads it by: answered at once, an allowed origin's page read
             "Failed to fetch" where a 40 KB token's 431 (the Origin within the first
             piece) was problem+json it reads."""
@@ -1105,19 +1161,19 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
                 self._refuse(error, origins)
                 return
             waiting.add(self)
-            # (from the last line begun, where it may be an Origin line's start: _origins_in
-            # skips a head's first line, a part; a long one, the header past the limit, is
-            # left to be skipped so, not kept)
+            # (from the last line begun, where it may be an Origin line's start: the skim
+            # skips the line it begins in, a part; a long one, the header past the limit, is
+            # skipped so, not kept)
             line = scan.rfind(b"\n")
-            self._refusal = (error, bytearray(scan[line:] if 0 <= line >= len(scan) - 4096 else b""),
+            self._refusal = (error, _OriginSkim(scan[line:] if 0 <= line >= len(scan) - REFUSAL_LINE_BYTES else b""),
                              self.loop.call_later(REFUSAL_WAIT_S, self._refuse_waiting))
 
         def _refuse_waiting(self) -> None:
             # (still counted in ``waiting`` while its close lingers: the descriptors held
             # for such refusals stay bounded, whatever clients do)
-            refusal, head, timer = self._refusal
+            refusal, skim, timer = self._refusal
             timer.cancel()
-            self._refuse(refusal, _origins_in(head))
+            self._refuse(refusal, skim.origins)
 
         def _idle(self) -> bool:
             """No request being answered here: a keep-alive between requests, or a head
@@ -1197,13 +1253,8 @@ def guarded_protocol(header_timeout_s: float, on_timeout: Any = None, base: type
             if self.transport.is_closing() or self._dropping:  # closing (lingering), or past the pipeline's
                 return  # room: what still comes is dropped
             self._heard = True
-            if self._refusal is not None:  # refused for the cap: its head is read for its Origin only
-                head = self._refusal[1]
-                start = max(0, len(head) - 3)  # (only what is new is searched: a trickled head costs no more)
-                # (twice the head limit: the Origin after a header line past it, as long as the
-                # gateway's line buffer, is still found)
-                head += data[:2 * max_header_bytes - len(head)]
-                if head.find(b"\r\n\r\n", start) >= 0 or len(head) >= 2 * max_header_bytes:
+            if self._refusal is not None:  # refused: the rest of its head is read for its Origin only
+                if self._refusal[1].feed(data):  # (only what is new is read: a trickled head costs no more)
                     self._refuse_waiting()
                 return
             if self in live:
