@@ -13,7 +13,7 @@ from __future__ import annotations
 import gzip
 from dataclasses import dataclass, field
 
-from .header_params import parameters
+from .header_params import bounded_field, parameters
 from .responses import qvalue
 
 __all__ = ["Compressible", "accepts_gzip"]
@@ -24,7 +24,7 @@ def accepts_gzip(accept_encoding: str) -> bool:
     as ``x-gzip``) with a weight above 0, or covered by ``*`` and not refused by name."""
     named: float | None = None
     star: float | None = None
-    for part in accept_encoding.lower().split(","):
+    for part in bounded_field("Accept-Encoding", accept_encoding).lower().split(","):
         coding, *fields = part.split(";")
         coding = coding.strip()
         q = 1.0

@@ -19,7 +19,32 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["parameters", "split_unquoted", "unquote"]
+from .errors import HeadersTooLarge
+
+__all__ = ["MAX_FIELD_CHARS", "MAX_FIELD_SEPARATORS", "bounded_field", "parameters", "split_unquoted", "unquote"]
+
+# What one list or parameter header the service reads (Accept, Accept-Encoding, a
+# Content-Type's parameters, If-Match, If-None-Match) may hold: its items and parameters
+# are read in Python on the front end's event loop, microseconds each, and within the
+# 32 KiB head limit an Accept of 3,200 "*/*;q=0.5" items took 24 ms a request (a plain
+# request: 1 ms), a Content-Type's 15,000-character quoted parameter 19 ms, an
+# Accept-Encoding of 3,900 codings 10 ms: four connections sending the first held every
+# other client's /healthz at 34 ms median (1.6 ms alone). Past either bound, 431 before
+# any of it is read. Browsers and HTTP libraries send a handful of each.
+MAX_FIELD_SEPARATORS = 64  # "," and ";" together
+MAX_FIELD_CHARS = 2048
+
+
+def bounded_field(name: str, value: str) -> str:
+    """``value``, the header ``name``'s, where it is within the bounds above (C-speed
+    counts); else the 431 ``headers_too_large`` naming it."""
+    if len(value) > MAX_FIELD_CHARS:
+        raise HeadersTooLarge(f"the header {name} is {len(value)} characters long; at most {MAX_FIELD_CHARS} are read")
+    separators = value.count(",") + value.count(";")
+    if separators > MAX_FIELD_SEPARATORS:
+        raise HeadersTooLarge(f"the header {name} holds {separators} separators (',' and ';' together); at most "
+                              f"{MAX_FIELD_SEPARATORS} are read")
+    return value
 
 # A quoted string (its closing quote missing at the header's end: the rest is in it), or
 # one separator. Matched left to right, a separator inside a quoted string is never seen.

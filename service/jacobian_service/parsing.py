@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from jacobian_client import wire
 from jacobian_client.wire import dtype_name
 
-from .header_params import parameters, split_unquoted
+from .header_params import bounded_field, parameters, split_unquoted
 from .responses import echo
 from .types import Call, tree_leaves
 from .errors import InvalidInput, PayloadTooLarge, SparsityNotFound, UnsupportedMediaType, from_wire
@@ -1005,7 +1005,7 @@ def check_json_charset(content_type: str | None) -> None:
     UTF-8: surrogates not allowed", which named neither. Now a 415 naming the charset."""
     if not content_type or ";" not in content_type:
         return
-    for key, value in parameters(split_unquoted(content_type, ";")[1:]):  # (a quoted value may hold a ";")
+    for key, value in parameters(split_unquoted(bounded_field("Content-Type", content_type), ";")[1:]):  # (a quoted value may hold a ";")
         charset = value.strip('"').lower()
         if key == "charset" and charset not in _UTF8_CHARSETS:
             raise UnsupportedMediaType(f"a JSON body is read as UTF-8 (RFC 8259), not as charset={echo(charset, 40)}; "

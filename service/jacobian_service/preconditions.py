@@ -26,7 +26,7 @@ from __future__ import annotations
 from starlette.responses import Response
 
 from .errors import PreconditionFailed
-from .header_params import split_unquoted
+from .header_params import bounded_field, split_unquoted
 from .responses import echo, problem_response
 
 __all__ = ["conditional", "evaluated", "if_match_holds", "none_match_held", "refuse_unrepresented"]
@@ -38,7 +38,7 @@ _KEPT_IN_304 = frozenset({b"etag", b"cache-control", b"vary", b"content-location
 def _field(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
     """A list field's lines joined (RFC 9110 5.3), or None where absent."""
     lines = [v.decode("latin-1") for k, v in headers if k == name]
-    return ", ".join(lines) if lines else None
+    return bounded_field(name.decode().title(), ", ".join(lines)) if lines else None
 
 
 def _tags(field: str) -> list[str]:

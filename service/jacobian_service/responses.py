@@ -19,7 +19,7 @@ from jacobian_client import wire
 
 from .types import Result, is_sparse_matrix
 from .errors import NotAcceptable, Overloaded, ServiceError, Unavailable
-from .header_params import parameters, split_unquoted
+from .header_params import bounded_field, parameters, split_unquoted
 
 __all__ = [
     "ClosingStreamingResponse", "EncodeBudget", "JsonRows", "META_HEADERS", "StreamBudget", "StreamHold", "attachment", "echo", "acceptable", "choose", "encode", "is_single_array", "not_one_array", "json_pieces",
@@ -50,6 +50,7 @@ def _kept_acceptable(accept: str) -> tuple[str, ...]:
 def _acceptable(accept: str | None) -> list[str]:
     if not accept or not accept.strip():
         return [wire.JSON]
+    bounded_field("Accept", accept)
     ranked: list[tuple[float, int, str]] = []
     # RFC 9110 12.5.1: a type named outranks a range that covers it, whatever the two
     # weights: ``application/json;q=0, */*`` is anything but JSON, and was answered JSON
