@@ -26,6 +26,8 @@ an ``nn.Module``'s forward hook and full backward hook (an autograd.Function wit
 
 from __future__ import annotations
 
+import os
+import time
 import warnings
 from typing import Any, Callable
 
@@ -190,3 +192,35 @@ def replayed_at(c, name: str, route: str, x: np.ndarray) -> None:
         return
     assert response.status_code == 200, (route, response.text)
     same(wire_tree_decode(response.json()[key]), want, route)
+
+
+@pytest.mark.parametrize("route", ["hessian", "hvp"])
+def test_a_slow_failure_is_not_called_again_past_the_deadline(route):
+    """A plain call that fails is made again (calling.look) only where a second call as
+    long as the first fits the request's deadline: one that took 40 s to raise was called
+    again, its 500 a 504 and, past the grace, its engine killed as hung. In process: the
+    function's call leaves its request 1 ms, as if it had taken the rest. Its calls are
+    counted through a pipe, which the engine's kept-state replay does not put back."""
+    from jacobian_service.engine.core import Engine
+    from jacobian_service.registry import FunctionSpec, Input
+    from jacobian_service.types import Call
+
+    said = []
+    r, w = os.pipe()
+
+    def slow_failure(x):
+        os.write(w, b".")
+        said[0].deadline = time.monotonic() + 1e-3
+        time.sleep(0.01)
+        raise ValueError("failed")
+
+    spec = FunctionSpec("slow_failure", slow_failure, (Input("x", shape=("n",)),))
+    request = Call(spec=spec, args=[X], dtypes=["float64"], vectors=[V] if route == "hvp" else None)
+    said.append(request)
+    try:
+        with pytest.raises(Exception, match="ValueError: failed"):
+            getattr(Engine(torch.device("cpu"), 1 << 26), route)(request)
+        assert os.read(r, 64) == b"."  # called once
+    finally:
+        os.close(r)
+        os.close(w)

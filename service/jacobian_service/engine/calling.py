@@ -6,10 +6,13 @@ what a function may return, and how its failures are named, are in one place.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import os
 import threading
-from typing import Any, Callable, Sequence
+import time
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +39,7 @@ __all__ = [
     "lacks_forward_ad",
     "look",
     "partial",
+    "serving",
 ]
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
@@ -391,16 +395,27 @@ def look(fn: Callable[..., Any], inputs: Callable[[], Sequence[Any]]) -> Any:
     being transformed by a functorch transform"). A function that fails however it is
     called fails again, in the words reverse mode gets. Outputs of any kind come back as
     the function returned them (its tensors unwrapped from the transform)."""
+    start = time.monotonic()
     try:
         return fn(*inputs())
     except Exception as exc:
         if isinstance(exc, ServiceError) or is_oom(exc):
             raise
-    leaves, spec = pytree.tree_flatten(list(inputs()))
-    where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and (leaf.is_floating_point()
-                                                                                      or leaf.is_complex())]
-    if not where:  # nothing reverse mode differentiates: the plain call's error stands
-        return fn(*pytree.tree_unflatten(leaves, spec))
+        failed = exc
+    try:
+        leaves, spec = pytree.tree_flatten(list(inputs()))
+        where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and (leaf.is_floating_point()
+                                                                                          or leaf.is_complex())]
+        # The plain call's error stands, the function not called again: where nothing is
+        # differentiated (a second call was the same call, its side effects twice), and where
+        # a second call as long as the first would end past the request's deadline (serving):
+        # a function that took 40 s to raise was called again, its 500 a 504 at the front
+        # end and, past the deadline's grace, the engine killed as hung, its batch-mates 503.
+        now = time.monotonic()
+        if not where or now + (now - start) > _serving_deadline():
+            raise failed
+    finally:
+        del failed
     held: list[tuple[list[Any], Any, list[int]]] = []
 
     def reverse(*diff: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -420,6 +435,31 @@ def look(fn: Callable[..., Any], inputs: Callable[[], Sequence[Any]]) -> Any:
     for j, t in zip(tensors, outs):
         out_leaves[j] = t
     return pytree.tree_unflatten(out_leaves, out_spec)
+
+
+class _Serving(threading.local):
+    deadline: Callable[[], float] | None = None
+
+
+_serving = _Serving()
+
+
+def _serving_deadline() -> float:
+    deadline = _serving.deadline
+    return math.inf if deadline is None else deadline()
+
+
+@contextlib.contextmanager
+def serving(deadline: Callable[[], float]) -> Iterator[None]:
+    """The deadline (``time.monotonic()`` seconds, read when needed) of the request this
+    thread computes, for :func:`look` to decide whether a second call fits. Outside any
+    (in-process use), none."""
+    before = _serving.deadline
+    _serving.deadline = deadline
+    try:
+        yield
+    finally:
+        _serving.deadline = before
 
 
 class AuxBox:

@@ -28,7 +28,7 @@ from . import vmap_dims as _vmap_dims
 from . import hessian as _hessian
 from . import sparse as _sparse
 from .calling import (AuxBox, GradOffWatch, as_input_dtypes, dense_pullback, differentiable, fresh,
-                      function_error, is_oom, lacks_forward_ad, look)
+                      function_error, is_oom, lacks_forward_ad, look, serving)
 from .devices import release_free_heap
 from .dual_level import beside_a_held_dual_level
 from .products import agrees_with_reverse, global_replay, one_agrees, over_vectors, rng_replay
@@ -306,6 +306,10 @@ def _one_state(method: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(method)
     def entry(self: "Engine", call: Call, *args: Any, **kwargs: Any) -> Any:
+        with serving(lambda: call.deadline):  # (calling.look: whether a second call fits)
+            return _entered(self, call, *args, **kwargs)
+
+    def _entered(self: "Engine", call: Call, *args: Any, **kwargs: Any) -> Any:
         profile = self.profiles[call.spec.name]
         if not profile.initialised and kept_state.active.replay is None:
             self.initialise(call)
@@ -1065,7 +1069,10 @@ class Engine:
         watch = len(calls) > 1 and profile.stacked_unchanged < _STATE_WATCHED
         kept = KeptState(calls[0].spec.fn) if watch else None
         try:
-            results = _batched.run_batch(self, kind, calls)
+            # (calling.look: whether a second call fits the latest member's deadline, as the
+            # stacked call stops only once no member can use it: types.stacked_liveness)
+            with serving(lambda: max(c.deadline for c in calls)):
+                results = _batched.run_batch(self, kind, calls)
         except BaseException:
             # (a failed stacked call, vmap unable to run it: its members run again alone,
             # and its writes were one call too many for every later request)
