@@ -6,13 +6,12 @@ what a function may return, and how its failures are named, are in one place.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
 import threading
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -449,17 +448,23 @@ def _serving_deadline() -> float:
     return math.inf if deadline is None else deadline()
 
 
-@contextlib.contextmanager
-def serving(deadline: Callable[[], float]) -> Iterator[None]:
+class serving:
     """The deadline (``time.monotonic()`` seconds, read when needed) of the request this
-    thread computes, for :func:`look` to decide whether a second call fits. Outside any
-    (in-process use), none."""
-    before = _serving.deadline
-    _serving.deadline = deadline
-    try:
-        yield
-    finally:
-        _serving.deadline = before
+    thread computes, for :func:`look` to decide whether a second call fits; a context
+    manager (a class, not a generator: entered once a request). Outside any (in-process
+    use), none."""
+
+    __slots__ = ("deadline", "before")
+
+    def __init__(self, deadline: Callable[[], float]) -> None:
+        self.deadline = deadline
+
+    def __enter__(self) -> None:
+        self.before = _serving.deadline
+        _serving.deadline = self.deadline
+
+    def __exit__(self, *exc: Any) -> None:
+        _serving.deadline = self.before
 
 
 class AuxBox:
