@@ -853,3 +853,18 @@ def test_every_function_a_setting_was_put_back_for_is_named_past_the_logs_repeat
         logger.removeHandler(handler)
     named = {line.split(" ", 1)[0] for line in handler.lines if "changed torch's default dtype" in line}
     assert named == {f"changer_{i}" for i in range(120)}, sorted(handler.lines)[-3:]
+
+
+def test_an_execution_domain_that_cannot_be_put_back_says_so(monkeypatch):
+    """personality(2) refused (-1: a filter, a domain the kernel does not know): the put
+    raises, and the engine names it as a setting it cannot put back, not as put back."""
+    from jacobian_service.engine import process_settings as ps
+
+    class Refusing:
+        @staticmethod
+        def personality(persona: int) -> int:
+            return -1
+
+    monkeypatch.setattr(ps, "_libc_calls", lambda: Refusing)
+    with pytest.raises(OSError, match="personality"):
+        ps._put_personality(0)
