@@ -197,9 +197,11 @@ def _socket_inodes(pid: int) -> set[int]:
 
 
 def _log_until(proc: Any, start: int, pattern: str | Callable[[str], bool], within: float = 10.0) -> str:
-    """Serve's log from ``start`` on, once ``pattern`` (a regular expression, or a test
-    of the log) is in it."""
-    found = pattern if callable(pattern) else lambda log: re.search(pattern, log) is not None
+    """Serve's log from ``start`` on, once ``pattern`` (a regular expression or the very
+    text, or a test of the log) is in it. The text too: a line passed as it is read,
+    ``(sin)`` or ``[0.5]`` in it, matched no line as a regular expression, and each such
+    wait ran its whole ``within`` out before the test's own ``in`` found the line."""
+    found = pattern if callable(pattern) else lambda log: pattern in log or re.search(pattern, log) is not None
     deadline = time.monotonic() + within
     while True:
         log = proc.read_log()[start:]  # type: ignore[attr-defined]
