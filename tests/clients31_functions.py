@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import collections
-import threading
 import time
 
 import torch
 from jacobian_service import Input, register
 
-# Calls of each function here (the test's server runs its engines on threads of the test's
-# own process: the test reads what the engine ran).
-CALLS: collections.Counter[str] = collections.Counter()
-CALLED = threading.Event()  # set at each call of counted_chain (a batch of them: one call)
+from ._tally import Calls
+
+# counted_chain's calls, a stacked batch of its requests one (the test's server runs its
+# engines on threads of the test's own process: the test reads what the engine ran). Not
+# a Counter, nor a threading.Event set at each call: the engine's kept-state watch sees
+# both change, takes the function for one that keeps state across calls, refuses its
+# first stacked batch and never stacks it again (every batch size was 1, and the
+# time-slice test had no batch to check). See tests._tally.
+CALLS = Calls()
 # How many tanh(A x) steps counted_chain takes, read at each call: size_steps sets it so
 # that one Jacobian takes a chosen time on the machine at hand (the test's server and the
 # test share this module: its engines run on the test process's threads).
@@ -62,6 +65,5 @@ def size_steps(seconds: float, probe_steps: int = 40) -> int:
 @register(inputs=[Input("x", shape=(256,))],
           description="tanh(A x) STEPS times over, its calls counted: a slow Jacobian whose runs a test can count.")
 def counted_chain(x: torch.Tensor) -> torch.Tensor:
-    CALLS["counted_chain"] += 1
-    CALLED.set()
+    CALLS.append(1)
     return chain(x)
