@@ -174,8 +174,12 @@ _EXECUTE = r"""
       list => list.value === name || ![...list.options].some(o => o.value === name)), 5000);
   }
   if (media !== null) setSelect(block.querySelector('.response-control-media-type select'), media);
-  if (ready !== undefined) {  // the body docs.js writes (vjp)
-    await until(() => (block.querySelector('textarea.body-param__text')?.value || '').includes(ready));
+  if (ready !== undefined) {  // the body docs.js writes (vjp): its member ready filled, not the schema's own
+    // empty default ("cotangents": [], there at once: Execute clicked before the page's
+    // /evaluate came back sent that, a 422, in the full suite once)
+    const filled = () => { try { const v = JSON.parse(block.querySelector('textarea.body-param__text')?.value || '')[ready];
+      return v !== undefined && v !== null && (typeof v !== 'object' || Object.keys(v).length > 0); } catch (e) { return false; } };
+    await until(filled);
   }
   if (body !== null) {
     const text = await until(() => block.querySelector('textarea.body-param__text'));
